@@ -1,0 +1,189 @@
+"""The appliance's configuration: one TOML file, validated once at start-up.
+
+Unknown keys are errors, and every problem in a file is reported at once with its key
+path, the offending value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .exitcodes import ConfigError
+from .hardware import physical_core_count
+
+DEFAULT_CONFIG_PATH = Path("/etc/pi-llm-appliance/appliance.toml")
+CONFIG_ENV_VAR = "PI_APPLIANCE_CONFIG"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    api_key_file: Path | None = None
+    # Host-header allow-list against DNS rebinding. None: loopback names when bound to
+    # loopback, the bind address otherwise; an empty list switches the check off.
+    trusted_hosts: list[str] | None = None
+    max_request_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    http_threads: int = Field(default=8, ge=2, le=64)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def effective_trusted_hosts(self) -> list[str] | None:
+        if self.trusted_hosts is not None:
+            return self.trusted_hosts or None
+        if self.is_loopback:
+            return list(LOOPBACK_NAMES)
+        if self.host in ("0.0.0.0", "::"):  # noqa: S104 - a comparison, not a bind
+            return None  # every address of the machine: the API key is the guard
+        return [self.host, *LOOPBACK_NAMES]
+
+
+class ModelSettings(_Section):
+    path: Path
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:/-]{1,128}$")
+    sha256: Sha256 | None = None
+    threads: int = Field(default_factory=physical_core_count, ge=1, le=256)
+    context: int = Field(default=4096, ge=128, le=262_144)
+    batch: int = Field(default=512, ge=16, le=8192)
+    mlock: bool = False
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _lowercase(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def model_id(self) -> str:
+        return self.id or self.path.stem
+
+
+class LimitsSettings(_Section):
+    max_tokens: int = Field(default=1024, ge=1, le=32_768)
+    default_max_tokens: int = Field(default=256, ge=1, le=32_768)
+    queue_size: int = Field(default=4, ge=0, le=256)
+    queue_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
+    # A generation that makes no progress for this long is reported as hung.
+    stall_seconds: float = Field(default=120.0, gt=0, le=3600)
+    max_stop_sequences: int = Field(default=4, ge=0, le=16)
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> LimitsSettings:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must not exceed "
+                f"max_tokens ({self.max_tokens})"
+            )
+        return self
+
+
+class PathSettings(_Section):
+    state_dir: Path = Path("/var/lib/pi-llm-appliance")
+    # Where /sys and /proc are read from; tests point it at fixture trees.
+    hardware_root: Path = Path("/")
+
+
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    model: ModelSettings
+    limits: LimitsSettings = LimitsSettings()
+    paths: PathSettings = PathSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _key_off_loopback(self) -> Settings:
+        if not self.server.is_loopback and self.server.api_key_file is None:
+            raise ValueError(
+                f"server.host = {self.server.host!r} is not a loopback address, so "
+                "server.api_key_file is required: an LLM API open to the network without "
+                "a key is how exposed servers get abused"
+            )
+        return self
+
+    @property
+    def verify_state_file(self) -> Path:
+        return self.paths.state_dir / "verify.json"
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s) in the configuration:"]
+    for item in error.errors(include_url=False):
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (value {item['input']!r}); check its spelling")
+        elif item["type"] == "missing":
+            lines.append(f"  {path}: required, but not given")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  {path} = {item['input']!r}: {message}")
+    return "\n".join(lines)
+
+
+def config_path_from_env(explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: configuration file not found") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Lay command-line values (section -> key -> value, None = not given) over the file's."""
+    merged = {section: dict(values) if isinstance(values, dict) else values
+              for section, values in data.items()}
+    for section, values in overrides.items():
+        given = {key: value for key, value in values.items() if value is not None}
+        if given:
+            target = merged.setdefault(section, {})
+            if isinstance(target, dict):
+                target.update(given)
+    return merged
+
+
+def validate(data: dict[str, Any], source: str) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_settings(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None,
+                  *, require_file: bool = True) -> Settings:
+    """Read and validate the configuration; a missing default file is fine with overrides."""
+    config_path = config_path_from_env(path)
+    explicit = path is not None or bool(os.environ.get(CONFIG_ENV_VAR))
+    if config_path.exists() or explicit or require_file:
+        data, source = read_config_file(config_path), str(config_path)
+    else:
+        data, source = {}, "command line"
+    return validate(merge_overrides(data, overrides or {}), source)
