@@ -77,6 +77,7 @@ def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, .
         min_p=params.min_p, repeat_penalty=params.repeat_penalty,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         seed=params.seed, stop=tuple(params.stop_sequences) + stops,
+        ignore_eos=params.ignore_eos,
     )
 
 

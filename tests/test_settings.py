@@ -1,0 +1,101 @@
+"""Configuration: typos and out-of-range values are all reported at once, with exit 78."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.exitcodes import ConfigError, ExitCode
+from appliance.hardware import physical_core_count
+from appliance.settings import load_settings
+
+
+def config_check(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "appliance.cli", "config", "check", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_config_check_accepts_a_good_file(tmp_path, model_path):
+    good = tmp_path / "good.toml"
+    good.write_text(f'[model]\npath = "{model_path}"\ncontext = 8192\n'
+                    '[server]\nport = 9000\n[limits]\nqueue_size = 2\n')
+    result = config_check(good)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "127.0.0.1:9000" in result.stdout
+
+
+def test_config_check_lists_every_problem_with_path_value_and_rule(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[server]\nprot = 8080\nport = 70000\n'
+        '[model]\npath = "/m.gguf"\nthreads = 0\nsha256 = "abc"\n'
+        '[limits]\nmax_tokens = 100\ndefault_max_tokens = 500\n'
+        '[extra]\nx = 1\n')
+    result = config_check(bad)
+    assert result.returncode == ExitCode.CONFIG_INVALID
+    lines = result.stderr
+    assert "server.prot: unknown key (value 8080)" in lines
+    assert "server.port = 70000: Input should be less than or equal to 65535" in lines
+    assert "model.threads = 0: Input should be greater than or equal to 1" in lines
+    assert "model.sha256 = 'abc': must be 64 hexadecimal digits" in lines
+    assert "limits.default_max_tokens = 500: must not exceed limits.max_tokens (100)" in lines
+    assert "6 problem(s)" in lines
+    assert "extra: unknown key" in lines
+
+
+def test_config_check_reports_broken_toml(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\npath = 1\n")
+    result = config_check(broken)
+    assert result.returncode == ExitCode.CONFIG_INVALID
+    assert "not valid TOML" in result.stderr
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    result = config_check(tmp_path / "absent.toml")
+    assert result.returncode == ExitCode.CONFIG_INVALID
+    assert "not found" in result.stderr
+
+
+def test_command_line_overrides_the_file(tmp_path, model_path, monkeypatch):
+    config = tmp_path / "a.toml"
+    config.write_text(f'[model]\npath = "{model_path}"\nthreads = 3\n[server]\nport = 9000\n')
+    settings = load_settings(config, {"server": {"port": 9100, "host": None},
+                                      "model": {"threads": None, "context": 1024}})
+    assert settings.server.port == 9100
+    assert settings.model.threads == 3
+    assert settings.model.context == 1024
+
+
+def test_environment_names_the_config_file(tmp_path, model_path, monkeypatch):
+    config = tmp_path / "env.toml"
+    config.write_text(f'[model]\npath = "{model_path}"\n')
+    monkeypatch.setenv("PI_APPLIANCE_CONFIG", str(config))
+    assert load_settings(None).model.path == model_path
+    monkeypatch.setenv("PI_APPLIANCE_CONFIG", str(tmp_path / "gone.toml"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(None, {"model": {"path": str(model_path)}}, require_file=False)
+
+
+def test_quick_start_needs_no_file_and_threads_default_to_physical_cores(model_path,
+                                                                         monkeypatch):
+    monkeypatch.delenv("PI_APPLIANCE_CONFIG", raising=False)
+    monkeypatch.setattr("appliance.settings.DEFAULT_CONFIG_PATH", Path("/nonexistent.toml"))
+    settings = load_settings(None, {"model": {"path": str(model_path)}}, require_file=False)
+    assert settings.model.threads == physical_core_count()
+    assert settings.model.threads <= len(os.sched_getaffinity(0))
+
+
+def test_physical_cores_ignore_smt_siblings(tmp_path):
+    for cpu in os.sched_getaffinity(0):
+        topology = tmp_path / f"sys/devices/system/cpu/cpu{cpu}/topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{cpu // 2}\n")  # two threads per core
+    cpus = len(os.sched_getaffinity(0))
+    assert physical_core_count(tmp_path) == len({cpu // 2 for cpu in os.sched_getaffinity(0)})
+    assert physical_core_count(tmp_path) <= cpus
