@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -14,6 +15,7 @@ from werkzeug.exceptions import BadRequest
 
 from .engine import (
     Engine,
+    EngineState,
     GenerationStats,
     Lease,
     NotReady,
@@ -83,7 +85,7 @@ def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, .
 
 def _ready_engine() -> Engine:
     engine = _engine()
-    if engine.facts is None or engine.state.value != "ready":
+    if engine.facts is None or engine.state is not EngineState.READY:
         raise ApiError(503, f"the model is not ready ({engine.state.value}); see GET /health",
                        "model_not_ready", {"Retry-After": "5"})
     return engine
@@ -215,7 +217,7 @@ def _prompt_checked(engine: Engine, prompt: list[int], sampling: Sampling) -> Sa
         budget = engine.token_budget(len(prompt), sampling.max_tokens)
     except PromptTooLong as exc:
         raise ApiError(400, str(exc), "context_length_exceeded") from None
-    return Sampling(**{**sampling.__dict__, "max_tokens": budget})
+    return dataclasses.replace(sampling, max_tokens=budget)
 
 
 @bp.post("/chat/completions")

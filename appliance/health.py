@@ -26,9 +26,10 @@ def read_verification(path: Path) -> dict[str, Any] | None:
 
 
 def engine_status(engine: Engine) -> str:
-    if engine.state is EngineState.READY and engine.is_stalled():
-        return "stalled"
-    return {EngineState.READY: "ok"}.get(engine.state, engine.state.value)
+    """ok, stalled, or the engine state that keeps it from serving (loading, failed, ...)."""
+    if engine.state is not EngineState.READY:
+        return engine.state.value
+    return "stalled" if engine.is_stalled() else "ok"
 
 
 def board_facts(root: Path) -> dict[str, Any]:

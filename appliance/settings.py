@@ -19,7 +19,6 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from .exitcodes import ConfigError
@@ -33,6 +32,15 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 SHA256_DIGITS = frozenset("0123456789abcdef")
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,7 +48,7 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
-    api_key_file: Path | None = None
+    api_key_file: Path | None = Field(default=None, validate_default=True)
     # Host-header allow-list against DNS rebinding. None: loopback names when bound to
     # loopback, the bind address otherwise; an empty list switches the check off.
     trusted_hosts: list[str] | None = None
@@ -49,12 +57,17 @@ class ServerSettings(_Section):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return _is_loopback(self.host)
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_off_loopback(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        host = info.data.get("host", "127.0.0.1")
+        if value is None and not _is_loopback(host):
+            raise ValueError(
+                f"required because server.host = {host!r} is not a loopback address: an LLM "
+                "API open to the network without a key is how exposed servers get abused")
+        return value
 
     @property
     def effective_trusted_hosts(self) -> list[str] | None:
@@ -121,16 +134,6 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     paths: PathSettings = PathSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-    @model_validator(mode="after")
-    def _key_off_loopback(self) -> Settings:
-        if not self.server.is_loopback and self.server.api_key_file is None:
-            raise ValueError(
-                f"server.host = {self.server.host!r} is not a loopback address, so "
-                "server.api_key_file is required: an LLM API open to the network without "
-                "a key is how exposed servers get abused"
-            )
-        return self
 
     @property
     def verify_state_file(self) -> Path:

@@ -233,7 +233,7 @@ def test_sha256_is_cached_beside_the_model(start_server, model_path, tmp_path):
 def test_refuses_to_listen_beyond_loopback_without_a_key(model_path):
     result = run_serve("--model", str(model_path), "--host", "0.0.0.0")
     assert result.returncode == ExitCode.CONFIG_INVALID
-    assert "server.api_key_file is required" in result.stderr
+    assert "server.api_key_file = None: required because server.host = '0.0.0.0'" in result.stderr
 
 
 def test_port_in_use_is_a_transient_failure(start_server, model_path):
