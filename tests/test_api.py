@@ -212,14 +212,20 @@ def test_health_carries_the_last_verification(client, settings):
     assert client.get("/health").get_json()["verification"] == result
 
 
-def test_queue_full_is_429_with_retry_after(make_settings, shared_engine):
-    settings = make_settings(limits={"queue_size": 0})
+def client_holding_the_model(make_settings, **limits):
+    """A client on its own engine, and a stream that holds the model after its first chunk."""
+    settings = make_settings(limits=limits)
     engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
     engine.load()
     client = create_app(settings, engine).test_client()
-    running = client.post("/v1/chat/completions",
+    holding = client.post("/v1/chat/completions",
                           json={**CHAT, "stream": True, "max_tokens": 50, "ignore_eos": True})
-    next(running.response)  # the first chunk: the model is now held by this stream
+    next(holding.response)
+    return client, holding
+
+
+def test_queue_full_is_429_with_retry_after(make_settings):
+    client, running = client_holding_the_model(make_settings, queue_size=0)
     refused = client.post("/v1/chat/completions", json=CHAT)
     assert refused.status_code == 429
     assert error_of(refused)["type"] == "rate_limit_error"
@@ -229,14 +235,8 @@ def test_queue_full_is_429_with_retry_after(make_settings, shared_engine):
 
 
 def test_stuck_generation_makes_health_not_ok(make_settings):
-    settings = make_settings(limits={"stall_seconds": 0.3})
-    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
-    engine.load()
-    client = create_app(settings, engine).test_client()
-    stuck = client.post("/v1/chat/completions",
-                        json={**CHAT, "stream": True, "max_tokens": 50, "ignore_eos": True})
-    next(stuck.response)  # generation started, then makes no progress
-    time.sleep(0.5)
+    client, stuck = client_holding_the_model(make_settings, stall_seconds=0.3)
+    time.sleep(0.5)  # the generation has started and makes no progress
     health = client.get("/health")
     assert health.status_code == 503
     assert health.get_json()["status"] == "stalled"

@@ -57,13 +57,19 @@ def check_openai_client(client: openai.OpenAI) -> None:
     assert text.choices[0].text
 
 
-def test_stream_arrives_token_by_token_not_buffered(start_server):
-    server = start_server()
+def open_stream(server, max_tokens: int):
+    """A ready server's streamed chat completion, as (connection, response at its headers)."""
     server.wait_ready()
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     connection.request("POST", "/v1/chat/completions", json.dumps(
-        {**LONG, "max_tokens": 300, "stream": True}), {"Content-Type": "application/json"})
+        {**LONG, "max_tokens": max_tokens, "stream": True}), {"Content-Type": "application/json"})
     reply = connection.getresponse()
+    assert reply.status == 200
+    return connection, reply
+
+
+def test_stream_arrives_token_by_token_not_buffered(start_server):
+    connection, reply = open_stream(start_server(), 300)
     started = time.monotonic()
     first = reply.readline()
     first_at = time.monotonic() - started
@@ -132,12 +138,7 @@ def test_client_disconnect_stops_generation_and_next_request_is_served(start_ser
 
 def test_sigterm_ends_a_running_generation_and_exits_0(start_server):
     server = start_server()
-    server.wait_ready()
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    connection.request("POST", "/v1/chat/completions", json.dumps(
-        {**LONG, "max_tokens": 1000, "stream": True}), {"Content-Type": "application/json"})
-    reply = connection.getresponse()
-    assert reply.status == 200
+    connection, reply = open_stream(server, 1000)
     assert reply.readline()
     started = time.monotonic()
     assert server.stop() == ExitCode.OK, server.output()
@@ -146,35 +147,38 @@ def test_sigterm_ends_a_running_generation_and_exits_0(start_server):
     connection.close()
 
 
-def test_systemd_readiness_status_watchdog_and_stopping(start_server, tmp_path: Path):
-    notify_path = tmp_path / "notify.sock"
+@pytest.fixture
+def notify_socket(tmp_path: Path):
+    """An AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
+    sock.bind(str(path))
     sock.settimeout(10)
+    yield path, sock
+    sock.close()
+
+
+def test_systemd_readiness_status_watchdog_and_stopping(start_server, notify_socket):
+    notify_path, sock = notify_socket
     server = start_server(extra_env={"NOTIFY_SOCKET": str(notify_path),
                                      "WATCHDOG_USEC": "400000"})
     messages: list[str] = []
-    try:
-        while "WATCHDOG=1" not in messages:
-            messages.extend(sock.recv(4096).decode().split("\n"))
-        ready_at = messages.index("READY=1")
-        assert any(line.startswith("STATUS=loading") for line in messages[:ready_at])
-        assert any(line.startswith("STATUS=serving") for line in messages[ready_at:])
-        assert messages.index("WATCHDOG=1") > ready_at
-        assert server.stop() == ExitCode.OK
-        sock.settimeout(2)
-        while "STOPPING=1" not in messages:
-            messages.extend(sock.recv(4096).decode().split("\n"))
-    finally:
-        sock.close()
+    while "WATCHDOG=1" not in messages:
+        messages.extend(sock.recv(4096).decode().split("\n"))
+    ready_at = messages.index("READY=1")
+    assert any(line.startswith("STATUS=loading") for line in messages[:ready_at])
+    assert any(line.startswith("STATUS=serving") for line in messages[ready_at:])
+    assert messages.index("WATCHDOG=1") > ready_at
+    assert server.stop() == ExitCode.OK
+    sock.settimeout(2)
+    while "STOPPING=1" not in messages:
+        messages.extend(sock.recv(4096).decode().split("\n"))
 
 
-def test_watchdog_is_withheld_while_the_engine_is_stuck(monkeypatch, tmp_path: Path):
+def test_watchdog_is_withheld_while_the_engine_is_stuck(monkeypatch, notify_socket):
     from appliance.systemd import Notifier
 
-    notify_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify_path))
+    notify_path, sock = notify_socket
     sock.settimeout(0.3)
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
@@ -189,7 +193,6 @@ def test_watchdog_is_withheld_while_the_engine_is_stuck(monkeypatch, tmp_path: P
         assert sock.recv(64) == b"WATCHDOG=1"
     finally:
         notifier.stopping()
-        sock.close()
 
 
 def run_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
