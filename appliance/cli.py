@@ -33,10 +33,6 @@ def _serve(args: argparse.Namespace) -> int:
     }
     settings = load_settings(args.config, overrides, require_file=False)
     _configure_logging(settings.log_level)
-    if settings.server.api_key_file is not None:
-        from .auth import read_api_key
-
-        read_api_key(settings.server.api_key_file)  # fail before binding, not after
     from .server import serve  # deferred: imports waitress and the native library
 
     return serve(settings)

@@ -37,10 +37,6 @@ class ThrottleState:
         shift = SINCE_BOOT_SHIFT if since_boot else 0
         return {name: bool(self.raw >> (bit + shift) & 1) for bit, name in THROTTLE_FLAGS.items()}
 
-    @property
-    def active_now(self) -> bool:
-        return any(self.flags().values())
-
     def as_dict(self) -> dict[str, object]:
         return {"raw": f"0x{self.raw:x}", "now": self.flags(),
                 "since_boot": self.flags(since_boot=True)}

@@ -167,6 +167,7 @@ def test_systemd_readiness_status_watchdog_and_stopping(start_server, notify_soc
         messages.extend(sock.recv(4096).decode().split("\n"))
     ready_at = messages.index("READY=1")
     assert any(line.startswith("STATUS=loading") for line in messages[:ready_at])
+    assert any(line.startswith("EXTEND_TIMEOUT_USEC=") for line in messages[:ready_at])
     assert any(line.startswith("STATUS=serving") for line in messages[ready_at:])
     assert messages.index("WATCHDOG=1") > ready_at
     assert server.stop() == ExitCode.OK
