@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check appliance tests scripts
+	$(VENV)/bin/ruff check appliance tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
