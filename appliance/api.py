@@ -74,7 +74,7 @@ def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, .
         raise ApiError(400, f"at most {limits.max_stop_sequences} stop sequences are allowed",
                        "too_many_stop_sequences")
     return Sampling(
-        max_tokens=requested or limits.default_max_tokens,
+        max_tokens=requested or limits.request_default_tokens,
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         min_p=params.min_p, repeat_penalty=params.repeat_penalty,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,

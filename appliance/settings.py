@@ -28,6 +28,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/pi-llm-appliance/appliance.toml")
 CONFIG_ENV_VAR = "PI_APPLIANCE_CONFIG"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
+DEFAULT_REQUEST_TOKENS = 256
 Port = Annotated[int, Field(ge=1, le=65535)]
 SHA256_DIGITS = frozenset("0123456789abcdef")
 
@@ -106,7 +107,8 @@ class ModelSettings(_Section):
 
 class LimitsSettings(_Section):
     max_tokens: int = Field(default=1024, ge=1, le=32_768)
-    default_max_tokens: int = Field(default=256, ge=1, le=32_768)
+    # Unset: 256, or max_tokens when that is lower, so lowering the cap alone is enough.
+    default_max_tokens: int | None = Field(default=None, ge=1, le=32_768)
     queue_size: int = Field(default=4, ge=0, le=256)
     queue_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
     # A generation that makes no progress for this long is reported as hung.
@@ -115,11 +117,16 @@ class LimitsSettings(_Section):
 
     @field_validator("default_max_tokens")
     @classmethod
-    def _default_within_cap(cls, value: int, info: ValidationInfo) -> int:
+    def _default_within_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
         cap = info.data.get("max_tokens")
-        if cap is not None and value > cap:
+        if value is not None and cap is not None and value > cap:
             raise ValueError(f"must not exceed limits.max_tokens ({cap})")
         return value
+
+    @property
+    def request_default_tokens(self) -> int:
+        """max_tokens for a request that does not say."""
+        return self.default_max_tokens or min(DEFAULT_REQUEST_TOKENS, self.max_tokens)
 
 
 class PathSettings(_Section):

@@ -28,10 +28,9 @@ from llama_cpp import Llama
 model, threads, context, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 llama = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=context,
               use_mmap=True, verbose=False)
-sys.stdin.readline()
 for line in sys.stdin:
     request = json.loads(line)
-    prompt = llama.tokenize(request["prompt"].encode(), add_bos=False, special=True)
+    prompt = request["prompt_tokens"]
     stamps = []
     started = time.perf_counter()
     for _ in llama.generate(prompt, temp=request["temperature"], top_p=request["top_p"],
@@ -96,8 +95,8 @@ def main() -> int:
         settings = Settings.model_validate({"model": {"path": str(args.model), "threads": 1}})
         engine = Engine(settings.model, settings.limits, None)
         engine.load()
-        rendered = engine._chat_formatter(messages=PROMPT).prompt  # type: ignore[misc]
-        direct.stdin.write(json.dumps(rendered) + "\n")  # type: ignore[union-attr]
+        # The very tokens the service will evaluate for PROMPT.
+        prompt_tokens, _ = engine.chat_prompt(PROMPT)
         for _ in range(200):
             try:
                 api_run(args.port, 4)
@@ -108,7 +107,7 @@ def main() -> int:
         results: dict[str, list[dict[str, float]]] = {"direct": [], "api": []}
 
         def run_direct() -> dict[str, float]:
-            direct.stdin.write(json.dumps({"prompt": rendered, **SAMPLING}) + "\n")
+            direct.stdin.write(json.dumps({"prompt_tokens": prompt_tokens, **SAMPLING}) + "\n")
             direct.stdin.flush()
             return json.loads(direct.stdout.readline())  # type: ignore[union-attr]
 

@@ -114,6 +114,14 @@ def test_max_tokens_above_cap_is_400(client, settings):
     assert "limits.max_tokens" in error_of(response)["message"]
 
 
+def test_lowering_the_cap_alone_also_bounds_requests_that_do_not_say(make_settings,
+                                                                     shared_engine):
+    app = create_app(make_settings(limits={"max_tokens": 3}), shared_engine)
+    body = app.test_client().post("/v1/completions", json={
+        "prompt": "Once upon a time", "ignore_eos": True}).get_json()
+    assert body["usage"]["completion_tokens"] == 3
+
+
 def test_prompt_longer_than_context_is_400_not_truncated(client):
     response = client.post("/v1/completions", json={"prompt": "word " * 3000, "max_tokens": 4})
     assert response.status_code == 400
