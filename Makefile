@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean virtual-pi virtual-pi-ssh virtual-pi-down
 
 setup: $(STAMP)
 
@@ -23,7 +23,17 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check appliance tests scripts benchmarks
+	$(VENV)/bin/ruff check appliance tests scripts benchmarks images
+
+## virtual-pi: boot a virtual Raspberry Pi 5 on this machine (as root; see images/README.md)
+virtual-pi:
+	images/virtual-pi up
+
+virtual-pi-ssh:
+	images/virtual-pi ssh
+
+virtual-pi-down:
+	images/virtual-pi down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -166,3 +166,59 @@ def start_server(tmp_path: Path, model_path: Path) -> Iterator[Callable[..., Ser
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
+
+
+# The virtual Raspberry Pi 5 (images/virtualpi) -----------------------------------------------
+# Tests use slots 90-99 so a developer's own instance (slot 0) is never touched.
+SHARED_VIRTUAL_PI_SLOT = 90
+
+
+@pytest.fixture(scope="session")
+def virtual_pi_host() -> None:
+    """The host can run virtual Pis (root, binfmt_misc, loop devices, the Debian tools).
+
+    Skipped off such a host, except in CI, where a missing prerequisite is a failure.
+    """
+    from virtualpi.host import HostError, preflight
+
+    try:
+        preflight()
+    except HostError as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to run a virtual Pi: {error}")
+        pytest.skip(f"cannot run a virtual Pi here: {error}")
+
+
+@pytest.fixture(scope="session")
+def virtual_pi(virtual_pi_host: None) -> Iterator[Any]:
+    """A running virtual Pi 5 (8GB board, blank NVMe) shared by tests that only look at it.
+
+    Reused if it is already up; VIRTUAL_PI_KEEP=1 leaves it running after the session.
+    """
+    from virtualpi.instance import Instance
+
+    instance = Instance(SHARED_VIRTUAL_PI_SLOT)
+    instance.up()
+    yield instance
+    if not os.environ.get("VIRTUAL_PI_KEEP"):
+        instance.down()
+
+
+@pytest.fixture
+def fresh_virtual_pi(virtual_pi_host: None) -> Iterator[Callable[..., Any]]:
+    """Factory: `fresh_virtual_pi(slot, board=..., nvme=...)` boots a new instance from scratch
+    (no disk, keys or changes kept) and takes it down after the test."""
+    from virtualpi.instance import Instance, Options
+
+    started = []
+
+    def make(slot: int, **options: Any) -> Instance:
+        assert slot != SHARED_VIRTUAL_PI_SLOT and 90 <= slot <= 99, "test slots are 91-99"
+        instance = Instance(slot)
+        started.append(instance)
+        instance.up(Options(fresh=True, **options))
+        return instance
+
+    yield make
+    for instance in started:
+        instance.down()

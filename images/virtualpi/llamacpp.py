@@ -1,0 +1,124 @@
+"""llama.cpp built for the Pi 5's Cortex-A76 on this machine, with Debian's aarch64 cross compiler.
+
+The source is the llama.cpp that llama-cpp-python vendors, taken from the sdist of the version
+pinned in constraints.txt (its sha256 pinned here), so the tools measure the same
+code the appliance runs. Building inside the emulator would take hours; cross-compiling takes
+minutes, and the result is cached under a name that changes with the version and the flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+from .host import HostError, cache_dir, run
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+# sha256 of each llama-cpp-python sdist this project has built from.
+SDIST_SHA256 = {
+    "0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+}
+
+# The Pi 5's ISA (Armv8.2-A + dot product + fp16; no i8mm/SVE), OpenMP threads, shared libraries.
+CORTEX_A76_FLAGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DCMAKE_SYSTEM_NAME=Linux",
+    "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+    "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc",
+    "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+    "-DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16",
+    "-DGGML_OPENMP=ON",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+]
+TARGETS = ["llama-bench", "llama-server", "llama-cli"]
+
+
+def pinned_version() -> str:
+    for line in (REPOSITORY / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip() == "llama-cpp-python":
+            return version.strip()
+    raise HostError("constraints.txt does not pin llama-cpp-python")
+
+
+def build_dir(version: str) -> Path:
+    digest = hashlib.sha256(json.dumps([version, CORTEX_A76_FLAGS, TARGETS]).encode()).hexdigest()
+    return cache_dir() / "llama.cpp" / f"cortex-a76-{version}-{digest[:12]}"
+
+
+def _sdist(version: str) -> Path:
+    """The llama-cpp-python sdist from the package index, checked against its pinned sha256."""
+    if version not in SDIST_SHA256:
+        raise HostError(
+            f"no pinned sha256 for the llama-cpp-python {version} sdist: add it to SDIST_SHA256 "
+            "in images/virtualpi/llamacpp.py"
+        )
+    path = cache_dir() / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+    if not path.exists() or _sha256(path) != SDIST_SHA256[version]:
+        path.unlink(missing_ok=True)
+        run(
+            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            "--no-binary", ":all:", f"llama-cpp-python=={version}", "--dest", path.parent,
+        )
+        if _sha256(path) != SDIST_SHA256[version]:
+            path.unlink()
+            raise HostError(f"{path.name}: sha256 differs from the pinned one; not using it")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_build(version: str | None = None) -> Path:
+    """Cross-build (or reuse) llama.cpp's tools and libraries; return the install prefix."""
+    version = version or pinned_version()
+    prefix = build_dir(version)
+    if (prefix / "BUILD.json").exists():
+        return prefix
+    work = prefix.with_name(prefix.name + ".work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    print(f"virtual-pi: cross-building llama.cpp (llama-cpp-python {version}) for the "
+          "Cortex-A76; several minutes the first time", file=sys.stderr, flush=True)
+    with tarfile.open(_sdist(version)) as archive:
+        archive.extractall(work, filter="data")
+    source = next(work.glob("*/vendor/llama.cpp"))
+    launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+    run(
+        "cmake", "-S", source, "-B", work / "build", f"-DCMAKE_INSTALL_PREFIX={prefix}",
+        *CORTEX_A76_FLAGS, *(launcher if shutil.which("ccache") else []),
+    )
+    run(
+        "cmake", "--build", work / "build", "--parallel", str(os.cpu_count() or 1),
+        "--target", *TARGETS,
+    )
+    staging = prefix.with_name(prefix.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "bin").mkdir(parents=True)
+    (staging / "lib").mkdir()
+    for target in TARGETS:
+        shutil.copy2(work / "build" / "bin" / target, staging / "bin" / target)
+    for library in (work / "build" / "bin").glob("*.so*"):
+        shutil.copy2(library, staging / "lib" / library.name, follow_symlinks=False)
+    (staging / "BUILD.json").write_text(json.dumps(
+        {"llama_cpp_python": version, "cmake_flags": CORTEX_A76_FLAGS, "targets": TARGETS},
+        indent=2,
+    ))
+    staging.rename(prefix)
+    shutil.rmtree(work, ignore_errors=True)
+    return prefix

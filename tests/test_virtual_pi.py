@@ -1,0 +1,213 @@
+"""The virtual Raspberry Pi 5: boots arm64 Debian under systemd, reachable over SSH, looks like a Pi
+5 to whatever reads the board facts, enforces the Cortex-A76 instruction set, and cleans up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from virtualpi import disk, isa, network
+from virtualpi.host import BINFMT_DIR, ensure_binfmt
+from virtualpi.instance import Instance
+
+pytestmark = pytest.mark.virtual_pi
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+VIRTUAL_PI = REPOSITORY / "images" / "virtual-pi"
+
+NEON_PROGRAM = r"""
+#include <arm_neon.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+    (void)argv;
+    int8x16_t a = vdupq_n_s8((int8_t)argc), b = vdupq_n_s8((int8_t)(argc + 1));
+    int32x4_t sum = vdupq_n_s32(0);
+#ifdef USE_I8MM
+    sum = vmmlaq_s32(sum, a, b);   /* i8mm: Armv8.6, absent on the Cortex-A76 */
+#else
+    sum = vdotq_s32(sum, a, b);    /* dot product: Armv8.2, present on the Cortex-A76 */
+#endif
+    printf("%d\n", vgetq_lane_s32(sum, 0));
+    return 0;
+}
+"""
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(VIRTUAL_PI), *args], capture_output=True, text=True, timeout=600,
+        check=False, **kwargs,
+    )
+
+
+def leftovers(instance: Instance) -> list[str]:
+    """What of `instance` is still present on the host."""
+    found = []
+    if network.exists(instance.name):
+        found.append(f"network namespace {instance.name}")
+    if subprocess.run(["ip", "link", "show", instance.name], capture_output=True).returncode == 0:
+        found.append(f"host link {instance.name}")
+    found += [f"loop device {device}" for device in disk.attached_devices(instance.nvme_image)]
+    if os.path.ismount(instance.merged):
+        found.append(f"mount {instance.merged}")
+    if instance.is_running():
+        found.append("systemd-nspawn")
+    upper = f"upperdir={instance.dir / 'upper'},"
+    for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            if upper in mountinfo.read_text():
+                found.append(f"process {mountinfo.parent.name}")
+        except OSError:
+            continue
+    return found
+
+
+def test_boots_arm64_debian_under_systemd_reachable_over_ssh(virtual_pi):
+    result = virtual_pi.ssh(
+        "uname -m; . /etc/os-release; echo $VERSION_CODENAME; ps -o comm= -p 1; "
+        "systemctl is-system-running; systemctl --failed --plain --no-legend; sudo -n id -u"
+    )
+    arch, codename, init, state, *rest = result.stdout.split("\n")
+    assert (arch, codename, init) == ("aarch64", "bookworm", "systemd")
+    assert state == "running", f"failed units: {rest}"
+    assert rest[-2] == "0", "pi cannot become root with sudo"
+
+
+def test_looks_like_a_pi5_to_what_reads_the_board_facts(virtual_pi):
+    model = virtual_pi.ssh("cat /sys/firmware/devicetree/base/model").stdout
+    assert model == "Raspberry Pi 5 Model B Rev 1.0\0"
+    revision = virtual_pi.ssh("od -An -tx1 /sys/firmware/devicetree/base/system/linux,revision")
+    code = int(revision.stdout.replace(" ", "").strip(), 16)
+    assert 256 << 20 << ((code >> 20) & 7) == 8 << 30, "revision code does not say 8 GB"
+    cpuinfo = virtual_pi.ssh("cat /proc/cpuinfo").stdout
+    features = [set(line.split(":")[1].split()) for line in cpuinfo.splitlines()
+                if line.startswith("Features")]
+    assert len(features) == 4
+    assert all({"asimd", "asimddp", "fphp"} <= core for core in features)
+    assert not any(core & {"i8mm", "sve", "sme"} for core in features)
+    assert cpuinfo.count("CPU part\t: 0xd0b") == 4  # four Cortex-A76 cores
+    config = virtual_pi.ssh("cat /boot/firmware/config.txt").stdout
+    assert "arm_64bit=1" in config
+
+
+def test_presents_a_blank_nvme_drive(virtual_pi):
+    size = virtual_pi.ssh("sudo blockdev --getsize64 /dev/nvme0n1").stdout
+    assert int(size) == 64 << 30
+    signature = virtual_pi.ssh("sudo blkid -p /dev/nvme0n1", check=False)
+    assert signature.returncode == 2, f"a blank drive has no signature: {signature.stdout}"
+
+
+def test_two_instances_side_by_side_one_a_16gb_board_with_data_on_its_drive(
+    virtual_pi, fresh_virtual_pi
+):
+    other = fresh_virtual_pi(91, board="pi5-16gb", nvme="ext4")
+    assert virtual_pi.is_running() and other.is_running()
+    facts = "hostname; cat /etc/machine-id; cat /sys/firmware/devicetree/base/serial-number"
+    first, second = virtual_pi.ssh(facts).stdout, other.ssh(facts).stdout
+    assert first.split()[0] == "vpi90" and second.split()[0] == "vpi91"
+    assert set(first.split()[1:]).isdisjoint(second.split()[1:]), "identities must differ"
+    assert other.ssh("cat /sys/firmware/devicetree/base/model").stdout.startswith(
+        "Raspberry Pi 5 Model B Rev 1.1"
+    )
+    assert "TYPE=\"ext4\"" in other.ssh("sudo blkid /dev/nvme0n1").stdout
+
+
+def test_a_killed_run_leaves_nothing_that_breaks_the_next(virtual_pi_host):
+    instance = Instance(93)
+    booting = subprocess.Popen(
+        [sys.executable, str(VIRTUAL_PI), "up", "-n", "93", "--fresh"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not instance.is_running():  # killed mid-boot, as a crashing test run would be
+        assert booting.poll() is None and time.monotonic() < deadline, "never started booting"
+        time.sleep(0.1)
+    booting.kill()
+    booting.wait()
+
+    rerun = cli("up", "-n", "93")
+    assert rerun.returncode == 0, rerun.stderr
+    assert instance.ssh("true").returncode == 0
+
+    # Worse: systemd-nspawn itself dies, orphaning the container's processes.
+    os.kill(instance._nspawn_pid(), signal.SIGKILL)
+    down = cli("down", "-n", "93")
+    assert down.returncode == 0, down.stderr
+    assert leftovers(instance) == []
+
+
+def test_start_up_errors_say_what_is_missing(virtual_pi_host, tmp_path):
+    not_root = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+         str(VIRTUAL_PI), "up", "-n", "94"],
+        capture_output=True, text=True, check=False,
+    )
+    assert not_root.returncode == 2
+    assert "needs root" in not_root.stderr and "sudo" in not_root.stderr
+
+    no_tools = cli("up", "-n", "94", env={**os.environ, "PATH": str(tmp_path)})
+    assert no_tools.returncode == 2
+    assert "apt-get install" in no_tools.stderr and "debootstrap" in no_tools.stderr
+    assert leftovers(Instance(94)) == []
+
+
+def test_restores_a_binfmt_registration_that_cannot_run_a_pi(virtual_pi_host):
+    entry = BINFMT_DIR / "qemu-aarch64"
+    entry.write_text("-1")
+    try:
+        assert not entry.exists()
+        ensure_binfmt()
+        status = entry.read_text()
+        assert status.startswith("enabled")
+        assert {"C", "F"} <= set(status.split("flags:")[1].split()[0])
+    finally:
+        ensure_binfmt()
+
+
+@pytest.fixture(scope="module")
+def neon_binaries(tmp_path_factory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("isa")
+    source = directory / "neon.c"
+    source.write_text(NEON_PROGRAM)
+    builds = {
+        "a76": ["-march=armv8.2-a+dotprod+fp16"],
+        "i8mm": ["-march=armv8.6-a+i8mm", "-DUSE_I8MM"],
+    }
+    for name, flags in builds.items():
+        subprocess.run(
+            ["aarch64-linux-gnu-gcc", "-O2", *flags, "-o", directory / name, source], check=True
+        )
+    return {name: directory / name for name in builds}
+
+
+def test_isa_check_catches_i8mm_and_passes_a_cortex_a76_build(virtual_pi_host, neon_binaries):
+    a76 = cli("isa-check", str(neon_binaries["a76"]))
+    assert a76.returncode == 0, a76.stderr
+    assert a76.stdout.strip() == "8"  # 4 products of 1 x 2
+
+    i8mm = cli("isa-check", str(neon_binaries["i8mm"]))
+    assert i8mm.returncode == 1
+    assert "illegal instruction" in i8mm.stderr and "would crash" in i8mm.stderr
+    # Plain emulation (qemu's default CPU has every extension) would have let it through.
+    assert subprocess.run(
+        ["qemu-aarch64-static", "-L", str(isa.CROSS_SYSROOT), neon_binaries["i8mm"]],
+        capture_output=True, check=False,
+    ).returncode == 0
+
+
+def test_the_virtual_pi_itself_refuses_what_a_cortex_a76_lacks(virtual_pi, neon_binaries):
+    for name, binary in neon_binaries.items():
+        subprocess.run(
+            ["scp", "-q", "-i", str(virtual_pi.key), "-o",
+             f"UserKnownHostsFile={virtual_pi.known_hosts}", str(binary),
+             f"pi@{virtual_pi.address}:/tmp/{name}"],
+            check=True,
+        )
+    assert virtual_pi.ssh("/tmp/a76").stdout.strip() == "8"
+    crashed = virtual_pi.ssh("/tmp/i8mm", check=False)
+    assert crashed.returncode == 128 + signal.SIGILL, crashed
