@@ -241,12 +241,20 @@ class Instance:
         ]
         if loop_device:
             command.append(f"--bind={loop_device}:{disk.DEVICE}")
-        with open(self.console_log, "wb") as console:
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return process.pid
+        # posix_spawn, not Popen: the container outlives this process by design, and a Popen
+        # object would warn when collected with its child still running.
+        executable = shutil.which(command[0])
+        assert executable, "preflight checked that systemd-nspawn is installed"
+        return os.posix_spawn(
+            executable, command, os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, str(self.console_log),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+        )
 
     def _wait_for_boot(self, started: float) -> None:
         deadline = started + BOOT_TIMEOUT_SECONDS
@@ -283,10 +291,13 @@ class Instance:
         """Stop the instance and release everything it held; safe to call at any time."""
         pid = self._nspawn_pid()
         if pid:
-            # systemd-nspawn turns SIGTERM into an orderly poweroff of the container. Killing
-            # nspawn kills the container's init (nspawn sets PR_SET_PDEATHSIG on it), and the
-            # kernel then kills everything else in the container's PID namespace.
-            _signal(pid, signal.SIGTERM)
+            # An orderly poweroff from inside. (nspawn's own SIGTERM handling sends the container's
+            # init SIGRTMIN+3, which qemu-user delivers as a different signal: qemu renumbers
+            # real-time signals for its own use.)
+            subprocess.run(
+                self.ssh_command("systemctl", "poweroff", "--no-block", user="root"),
+                capture_output=True, timeout=30, check=False,
+            )
             if not _wait_gone(pid, STOP_TIMEOUT_SECONDS):
                 _signal(pid, signal.SIGKILL)
                 _wait_gone(pid, 10)
