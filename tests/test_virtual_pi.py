@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from virtualpi import disk, isa, network
+from virtualpi import disk, isa, llamacpp, network
 from virtualpi.host import BINFMT_DIR, ensure_binfmt
 from virtualpi.instance import Instance
 
@@ -102,19 +103,22 @@ def test_presents_a_blank_nvme_drive(virtual_pi):
     assert signature.returncode == 2, f"a blank drive has no signature: {signature.stdout}"
 
 
-def test_two_instances_side_by_side_one_a_16gb_board_with_data_on_its_drive(
+def test_three_instances_side_by_side_with_their_own_boards_and_drives(
     virtual_pi, fresh_virtual_pi
 ):
-    other = fresh_virtual_pi(91, board="pi5-16gb", nvme="ext4")
-    assert virtual_pi.is_running() and other.is_running()
-    facts = "hostname; cat /etc/machine-id; cat /sys/firmware/devicetree/base/serial-number"
-    first, second = virtual_pi.ssh(facts).stdout, other.ssh(facts).stdout
-    assert first.split()[0] == "vpi90" and second.split()[0] == "vpi91"
-    assert set(first.split()[1:]).isdisjoint(second.split()[1:]), "identities must differ"
-    assert other.ssh("cat /sys/firmware/devicetree/base/model").stdout.startswith(
+    big = fresh_virtual_pi(91, board="pi5-16gb", nvme="ext4")
+    bare = fresh_virtual_pi(92, nvme="none")
+    pis = [virtual_pi, big, bare]
+    assert all(pi.is_running() for pi in pis)
+    facts = "hostname; cat /etc/machine-id /sys/firmware/devicetree/base/serial-number"
+    hostname, *identity = zip(*(pi.ssh(facts).stdout.split() for pi in pis), strict=True)
+    assert hostname == ("vpi90", "vpi91", "vpi92")
+    assert all(len(set(values)) == 3 for values in identity), "each Pi has its own identity"
+    assert big.ssh("cat /sys/firmware/devicetree/base/model").stdout.startswith(
         "Raspberry Pi 5 Model B Rev 1.1"
     )
-    assert "TYPE=\"ext4\"" in other.ssh("sudo blkid /dev/nvme0n1").stdout
+    assert 'TYPE="ext4"' in big.ssh("sudo blkid /dev/nvme0n1").stdout
+    assert bare.ssh("test -e /dev/nvme0n1", check=False).returncode == 1
 
 
 def test_a_killed_run_leaves_nothing_that_breaks_the_next(virtual_pi_host):
@@ -211,3 +215,24 @@ def test_the_virtual_pi_itself_refuses_what_a_cortex_a76_lacks(virtual_pi, neon_
     assert virtual_pi.ssh("/tmp/a76").stdout.strip() == "8"
     crashed = virtual_pi.ssh("/tmp/i8mm; echo status=$?", check=False)
     assert f"status={128 + signal.SIGILL}" in crashed.stdout, crashed
+    # Services too: systemd passes the Cortex-A76 setting on to what it starts.
+    service = virtual_pi.ssh("sudo systemd-run --wait /tmp/i8mm 2>&1", check=False)
+    assert "code=killed/status=ILL" in service.stdout, service
+
+
+def test_cross_built_llama_cpp_runs_as_a_cortex_a76_with_neon_and_dotprod(
+    virtual_pi_host, model_path
+):
+    prefix = llamacpp.ensure_build()
+    info = llamacpp.system_info(prefix)
+    assert "NEON = 1" in info and "DOTPROD = 1" in info, info
+    assert "OPENMP = 1" in info, info
+
+    bench = isa.run_as_cortex_a76(
+        prefix / "bin" / "llama-bench", "-m", str(model_path), "-p", "16", "-n", "8", "-r", "1",
+        "-t", "2", "-o", "json",
+    )
+    assert bench.returncode == 0, bench.explain() + bench.stderr[-2000:]
+    runs = {(run["n_prompt"], run["n_gen"]): run for run in json.loads(bench.stdout)}
+    assert runs[(0, 8)]["avg_ts"] > 0 and runs[(16, 0)]["avg_ts"] > 0
+    assert runs[(0, 8)]["model_type"].endswith("Q4_1")

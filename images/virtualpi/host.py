@@ -53,7 +53,7 @@ def run(*args: str | os.PathLike[str], check: bool = True, **kwargs) -> subproce
     kwargs.setdefault("text", True)
     result = subprocess.run([str(arg) for arg in args], check=False, **kwargs)
     if check and result.returncode != 0:
-        output = (result.stderr or result.stdout or "").strip()
+        output = (result.stderr or result.stdout or "").strip()[-2000:]  # the end says why
         raise HostError(f"`{' '.join(map(str, args))}` failed ({result.returncode}): {output}")
     return result
 

@@ -173,7 +173,7 @@ class Instance:
                 "pid": pid, "board": options.board, "nvme": options.nvme,
                 "loop_device": loop_device,
             }))
-            self._wait_for_boot(started)
+            self._wait_for_boot(started, pid)
         except BaseException:
             self.down()
             raise
@@ -256,11 +256,15 @@ class Instance:
             setsid=True,
         )
 
-    def _wait_for_boot(self, started: float) -> None:
+    def _wait_for_boot(self, started: float, pid: int) -> None:
         deadline = started + BOOT_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            if not self.is_running():
-                raise HostError(f"{self.name} stopped while booting:\n{self._console_tail()}")
+            exited, status = os.waitpid(pid, os.WNOHANG)  # nspawn is our child here
+            if exited:
+                raise HostError(
+                    f"{self.name} stopped while booting (systemd-nspawn exit status "
+                    f"{os.waitstatus_to_exitcode(status)}):\n{self._console_tail()}"
+                )
             if _port_open(self.address, 22):
                 result = self.ssh(
                     "systemctl", "is-system-running", "--wait", check=False,

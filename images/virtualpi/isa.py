@@ -21,7 +21,12 @@ CROSS_SYSROOT = Path("/usr/aarch64-linux-gnu")
 @dataclass
 class IsaResult:
     returncode: int
-    output: str
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
 
     @property
     def illegal_instruction(self) -> bool:
@@ -47,4 +52,4 @@ def run_as_cortex_a76(
         [*command, str(binary), *args], capture_output=True, text=True, timeout=timeout,
         check=False,
     )
-    return IsaResult(result.returncode, result.stdout + result.stderr)
+    return IsaResult(result.returncode, result.stdout, result.stderr)

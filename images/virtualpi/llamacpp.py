@@ -16,6 +16,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from . import isa
 from .host import HostError, cache_dir, run
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -36,11 +37,21 @@ CORTEX_A76_FLAGS = [
     "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16",
     "-DGGML_OPENMP=ON",
     "-DBUILD_SHARED_LIBS=ON",
+    # Find the libraries beside the tools in the build tree, and in ../lib once installed.
+    "-DCMAKE_BUILD_RPATH=$ORIGIN;$ORIGIN/../lib",
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 ]
 TARGETS = ["llama-bench", "llama-server", "llama-cli"]
+
+# Prints llama.cpp's system-info line ("CPU : NEON = 1 | ARM_FMA = 1 | ... | DOTPROD = 1 | ...");
+# none of the tools prints it without loading a model.
+SYSTEM_INFO_SOURCE = """\
+#include <stdio.h>
+const char *llama_print_system_info(void);
+int main(void) { puts(llama_print_system_info()); return 0; }
+"""
 
 
 def pinned_version() -> str:
@@ -52,7 +63,8 @@ def pinned_version() -> str:
 
 
 def build_dir(version: str) -> Path:
-    digest = hashlib.sha256(json.dumps([version, CORTEX_A76_FLAGS, TARGETS]).encode()).hexdigest()
+    recipe = [version, CORTEX_A76_FLAGS, TARGETS, SYSTEM_INFO_SOURCE]
+    digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
     return cache_dir() / "llama.cpp" / f"cortex-a76-{version}-{digest[:12]}"
 
 
@@ -99,13 +111,16 @@ def ensure_build(version: str | None = None) -> Path:
         archive.extractall(work, filter="data")
     source = next(work.glob("*/vendor/llama.cpp"))
     launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+    # ccache keyed on paths relative to the work directory: a rebuild with other flags or in
+    # another directory reuses every object whose compile command did not change.
+    environment = {**os.environ, "CCACHE_BASEDIR": str(work)}
     run(
         "cmake", "-S", source, "-B", work / "build", f"-DCMAKE_INSTALL_PREFIX={prefix}",
-        *CORTEX_A76_FLAGS, *(launcher if shutil.which("ccache") else []),
+        *CORTEX_A76_FLAGS, *(launcher if shutil.which("ccache") else []), env=environment,
     )
     run(
         "cmake", "--build", work / "build", "--parallel", str(os.cpu_count() or 1),
-        "--target", *TARGETS,
+        "--target", *TARGETS, env=environment,
     )
     staging = prefix.with_name(prefix.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -119,6 +134,31 @@ def ensure_build(version: str | None = None) -> Path:
         {"llama_cpp_python": version, "cmake_flags": CORTEX_A76_FLAGS, "targets": TARGETS},
         indent=2,
     ))
+    _build_system_info_tool(staging)
     staging.rename(prefix)
     shutil.rmtree(work, ignore_errors=True)
+    for older in prefix.parent.glob("cortex-a76-*"):  # builds of other versions or flags
+        if older.name != prefix.name and not older.name.endswith((".work", ".staging")):
+            shutil.rmtree(older, ignore_errors=True)
     return prefix
+
+
+def _build_system_info_tool(prefix: Path) -> None:
+    source = prefix / "llama-system-info.c"
+    source.write_text(SYSTEM_INFO_SOURCE)
+    run(
+        "aarch64-linux-gnu-gcc", "-O2", "-o", prefix / "bin" / "llama-system-info", source,
+        f"-L{prefix / 'lib'}", f"-Wl,-rpath-link,{prefix / 'lib'}", "-Wl,-rpath,$ORIGIN/../lib",
+        "-lllama",
+    )
+    source.unlink()
+
+
+def system_info(prefix: Path) -> str:
+    """The build's system-info line, as a Cortex-A76 running it reports it."""
+    result = isa.run_as_cortex_a76(
+        prefix / "bin" / "llama-system-info", library_path=[prefix / "lib"], timeout=120
+    )
+    if result.returncode != 0:
+        raise HostError(f"llama-system-info failed: {result.explain()}\n{result.output}")
+    return result.stdout.strip()
