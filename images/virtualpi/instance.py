@@ -298,11 +298,13 @@ class Instance:
             # An orderly poweroff from inside. (nspawn's own SIGTERM handling sends the container's
             # init SIGRTMIN+3, which qemu-user delivers as a different signal: qemu renumbers
             # real-time signals for its own use.)
-            subprocess.run(
+            poweroff = subprocess.run(
                 self.ssh_command("systemctl", "poweroff", "--no-block", user="root"),
                 capture_output=True, timeout=30, check=False,
             )
-            if not _wait_gone(pid, STOP_TIMEOUT_SECONDS):
+            # Unreachable (still booting, or wedged): nothing to wait for.
+            grace = STOP_TIMEOUT_SECONDS if poweroff.returncode == 0 else 0
+            if not _wait_gone(pid, grace):
                 _signal(pid, signal.SIGKILL)
                 _wait_gone(pid, 10)
         # A container whose nspawn died keeps running, orphaned: find its processes by their
