@@ -193,12 +193,12 @@ def virtual_pi_host() -> None:
 def virtual_pi(virtual_pi_host: None) -> Iterator[Any]:
     """A running virtual Pi 5 (8GB board, blank NVMe) shared by tests that only look at it.
 
-    Reused if it is already up; VIRTUAL_PI_KEEP=1 leaves it running after the session.
+    Created fresh, or reused if a session run with VIRTUAL_PI_KEEP=1 left it running.
     """
-    from virtualpi.instance import Instance
+    from virtualpi.instance import Instance, Options
 
     instance = Instance(SHARED_VIRTUAL_PI_SLOT)
-    instance.up()
+    instance.up(Options(fresh=not instance.is_running()))
     yield instance
     if not os.environ.get("VIRTUAL_PI_KEEP"):
         instance.down()

@@ -134,15 +134,31 @@ def test_a_killed_run_leaves_nothing_that_breaks_the_next(virtual_pi_host):
     booting.kill()
     booting.wait()
 
-    rerun = cli("up", "-n", "93")
-    assert rerun.returncode == 0, rerun.stderr
-    assert instance.ssh("true").returncode == 0
+    try:
+        rerun = cli("up", "-n", "93")
+        assert rerun.returncode == 0, rerun.stderr
+        assert instance.ssh("true").returncode == 0
 
-    # Worse: systemd-nspawn itself dies, orphaning the container's processes.
-    os.kill(instance._nspawn_pid(), signal.SIGKILL)
-    down = cli("down", "-n", "93")
-    assert down.returncode == 0, down.stderr
+        # Worse: systemd-nspawn itself dies, orphaning the container's processes.
+        os.kill(instance._nspawn_pid(), signal.SIGKILL)
+        down = cli("down", "-n", "93")
+        assert down.returncode == 0, down.stderr
+        assert leftovers(instance) == []
+    finally:
+        instance.down()
+
+
+def test_refuses_to_reuse_an_instance_that_differs_from_the_request(fresh_virtual_pi):
+    instance = fresh_virtual_pi(95, nvme="ext4")
+    other_board = cli("up", "-n", "95", "--nvme", "ext4", "--board", "pi5-16gb")
+    assert other_board.returncode == 2 and "--fresh" in other_board.stderr
+    instance.down()
+    blank_instead = cli("up", "-n", "95")  # the drive holds data: never silently replaced
+    assert blank_instead.returncode == 2 and "--fresh" in blank_instead.stderr
     assert leftovers(instance) == []
+    assert 'TYPE="ext4"' in subprocess.run(
+        ["blkid", str(instance.nvme_image)], capture_output=True, text=True, check=False
+    ).stdout
 
 
 def test_start_up_errors_say_what_is_missing(virtual_pi_host, tmp_path):
@@ -157,7 +173,7 @@ def test_start_up_errors_say_what_is_missing(virtual_pi_host, tmp_path):
     no_tools = cli("up", "-n", "94", env={**os.environ, "PATH": str(tmp_path)})
     assert no_tools.returncode == 2
     assert "apt-get install" in no_tools.stderr and "debootstrap" in no_tools.stderr
-    assert leftovers(Instance(94)) == []
+    assert not Instance(94).dir.exists(), "a refused start must not create anything"
 
 
 def test_restores_a_binfmt_registration_that_cannot_run_a_pi(virtual_pi_host):

@@ -18,10 +18,6 @@ class Board:
     key: str
     model: str
     revision: int  # the revision code the firmware puts in the device tree and /proc/cpuinfo
-    memory_gib: int
-
-    def memory_bytes(self) -> int:
-        return self.memory_gib << 30
 
 
 # Revision codes: bit 23 new-style, bits 20-22 memory (5 = 8 GB, 6 = 16 GB), bits 12-15 the
@@ -29,8 +25,8 @@ class Board:
 BOARDS = {
     board.key: board
     for board in (
-        Board("pi5-8gb", "Raspberry Pi 5 Model B Rev 1.0", 0xD04170, 8),
-        Board("pi5-16gb", "Raspberry Pi 5 Model B Rev 1.1", 0xE04171, 16),
+        Board("pi5-8gb", "Raspberry Pi 5 Model B Rev 1.0", 0xD04170),
+        Board("pi5-16gb", "Raspberry Pi 5 Model B Rev 1.1", 0xE04171),
     )
 }
 DEFAULT_BOARD = "pi5-8gb"

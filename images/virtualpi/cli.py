@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import board, disk, isa, llamacpp
-from .host import HostError, preflight
+from .host import HostError, require_commands, require_root
 from .instance import SSH_USER, Instance, Options, instances
 
 EXIT_HOST_ERROR = 2
@@ -109,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{status.system_state}, {status.boot_seconds} s); log in with "
                       f"`images/virtual-pi ssh -n {args.slot}`")
         elif args.command == "down":
-            preflight()
+            require_root()
+            require_commands({"ip": "iproute2", "losetup": "mount"})
             for instance in instances() if args.all else [Instance(args.slot)]:
                 instance.down()
         elif args.command == "ssh":
+            require_root()  # the login key is root's
             instance = Instance(args.slot)
             if not instance.is_running():
                 raise HostError(
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 command.insert(1, "-t")
             os.execvp(command[0], command)  # noqa: S606 - become ssh, keeping the terminal
         elif args.command == "status":
+            require_root()
             chosen = [Instance(args.slot)] if args.slot is not None else instances()
             _print_status([instance.status() for instance in chosen], args.json)
         elif args.command == "inventory":
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             result = isa.run_as_cortex_a76(args.binary, *args.args)
             print(result.output, end="")
             print(f"virtual-pi: {args.binary}: {result.explain()}", file=sys.stderr)
-            return 1 if result.illegal_instruction else 0
+            return 0 if result.returncode == 0 else 1
         elif args.command == "build-llama-cpp":
             print(llamacpp.ensure_build())
     except HostError as error:

@@ -51,7 +51,14 @@ def run(*args: str | os.PathLike[str], check: bool = True, **kwargs) -> subproce
     """Run a command, capturing its output; on failure raise HostError with what it printed."""
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
-    result = subprocess.run([str(arg) for arg in args], check=False, **kwargs)
+    try:
+        result = subprocess.run([str(arg) for arg in args], check=False, **kwargs)
+    except FileNotFoundError as error:
+        raise HostError(f"{args[0]} is not installed: {error}") from error
+    except subprocess.TimeoutExpired as error:
+        if check:
+            raise HostError(f"`{' '.join(map(str, args))}` took over {error.timeout} s") from error
+        return subprocess.CompletedProcess(error.cmd, 124, error.stdout or "", error.stderr or "")
     if check and result.returncode != 0:
         output = (result.stderr or result.stdout or "").strip()[-2000:]  # the end says why
         raise HostError(f"`{' '.join(map(str, args))}` failed ({result.returncode}): {output}")
@@ -106,8 +113,9 @@ def ensure_binfmt() -> None:
         flags = next(line for line in status.splitlines() if line.startswith("flags:"))
         if status.startswith("enabled") and wanted <= set(flags.partition(":")[2].strip()):
             return
-        entry.write_text("-1")  # replace a registration without the flags we need
     try:
+        if entry.exists():
+            entry.write_text("-1")  # replace a registration without the flags we need
         (BINFMT_DIR / "register").write_text(qemu_registration())
     except OSError as error:
         raise HostError(f"could not register qemu-aarch64 with binfmt_misc: {error}") from error
@@ -118,9 +126,21 @@ def ensure_loop_devices() -> None:
         raise HostError("no loop devices (/dev/loop-control is missing): modprobe loop")
 
 
+def _filesystem_type(path: Path) -> str:
+    """The type of the filesystem `path` is on (the longest mount point that contains it)."""
+    best, fstype = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        mount_point, kind = line.split()[1:3]
+        inside = str(path) == mount_point or str(path).startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, fstype = mount_point, kind
+    return fstype
+
+
 def ensure_nspawn_runtime() -> None:
-    """systemd-nspawn keeps per-container state there and needs it writable and non-persistent."""
-    if not os.path.ismount(NSPAWN_RUNTIME):
+    """systemd-nspawn keeps per-container state there and needs it on a tmpfs (as /run is on a
+    systemd host; on this kind of sandbox it is not, so one is mounted)."""
+    if _filesystem_type(NSPAWN_RUNTIME) != "tmpfs":
         NSPAWN_RUNTIME.mkdir(parents=True, exist_ok=True)
         run("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", NSPAWN_RUNTIME)
 

@@ -10,6 +10,7 @@ processes themselves, so it also cleans up after a run that was killed halfway.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -145,6 +146,14 @@ class Instance:
         )
 
     # Up ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self):
+        """One `up` or `down` of this slot at a time (released even if the holder is killed)."""
+        state_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(state_dir() / f".{self.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def up(self, options: Options | None = None) -> Status:
         """Boot the instance (or return at once if it is already running) and wait for SSH."""
         options = options or Options()
@@ -153,16 +162,27 @@ class Instance:
                 f"unknown board {options.board!r}: choose one of {', '.join(boards.BOARDS)}"
             )
         preflight()
-        # Running and fully booted by an earlier `up`: reuse it. Anything else (a boot that was
-        # interrupted, leftovers of a crash) is torn down and started again.
-        if self.is_running() and "boot_seconds" in self._runtime() and not options.fresh:
+        with self._locked():
+            return self._up(options)
+
+    def _up(self, options: Options) -> Status:
+        # Running and fully booted by an earlier `up`: reuse it, if it is what was asked for.
+        # Anything else (a boot that was interrupted, leftovers of a crash) starts again.
+        runtime = self._runtime()
+        if self.is_running() and "boot_seconds" in runtime and not options.fresh:
+            running_as = (runtime.get("board"), runtime.get("nvme"))
+            if running_as != (options.board, options.nvme):
+                raise HostError(
+                    f"{self.name} is running as {running_as[0]} with NVMe {running_as[1]}, not "
+                    f"{options.board} with NVMe {options.nvme}: add --fresh to recreate it"
+                )
             return self.status()
-        self.down()
-        started = time.monotonic()
+        self._down()
         base = rootfs.ensure_base()
+        started = time.monotonic()
         if options.fresh:
             shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             self._mount_root(base)
             self._personalise(options)
@@ -175,7 +195,7 @@ class Instance:
             }))
             self._wait_for_boot(started, pid)
         except BaseException:
-            self.down()
+            self._down()
             raise
         runtime = self._runtime() | {"boot_seconds": round(time.monotonic() - started, 1)}
         self._runtime_file.write_text(json.dumps(runtime))
@@ -195,7 +215,7 @@ class Instance:
         root = self.merged
         (root / "etc/hostname").write_text(f"{self.name}\n")
         hosts = (root / "etc/hosts").read_text()
-        if f" {self.name}\n" not in hosts:
+        if f"\t{self.name}\n" not in hosts:
             (root / "etc/hosts").write_text(f"{hosts}127.0.1.1\t{self.name}\n")
         machine_id = root / "etc/machine-id"
         if not machine_id.read_text().strip():
@@ -223,9 +243,25 @@ class Instance:
         (board_dir / "cpuinfo").write_text(boards.cpuinfo(board, serial))
 
     def _attach_nvme(self, options: Options) -> str | None:
-        if options.fresh or not self.nvme_image.exists() or options.nvme == "none":
+        """Attach the drive; an existing drive is kept only if it is the kind and size asked for."""
+        if options.nvme == "none":
+            return None
+        wanted = {"kind": options.nvme, "size_gib": options.nvme_size_gib}
+        recorded = self.dir / "nvme0n1.json"
+        if self.nvme_image.exists():
+            try:
+                existing = json.loads(recorded.read_text())
+            except (OSError, ValueError):
+                existing = None
+            if existing != wanted:
+                raise HostError(
+                    f"{self.name}'s NVMe drive is {existing}, not {wanted}: add --fresh to "
+                    "replace it (its contents are lost)"
+                )
+        else:
             disk.create_image(self.nvme_image, options.nvme, options.nvme_size_gib)
-        return disk.attach(self.nvme_image) if options.nvme != "none" else None
+            recorded.write_text(json.dumps(wanted))
+        return disk.attach(self.nvme_image)
 
     def _spawn(self, options: Options, loop_device: str | None) -> int:
         board_dir = self.dir / "board"
@@ -293,14 +329,18 @@ class Instance:
     # Down --------------------------------------------------------------------------------
     def down(self) -> None:
         """Stop the instance and release everything it held; safe to call at any time."""
+        with self._locked():
+            self._down()
+
+    def _down(self) -> None:
         pid = self._nspawn_pid()
         if pid:
             # An orderly poweroff from inside. (nspawn's own SIGTERM handling sends the container's
             # init SIGRTMIN+3, which qemu-user delivers as a different signal: qemu renumbers
             # real-time signals for its own use.)
-            poweroff = subprocess.run(
-                self.ssh_command("systemctl", "poweroff", "--no-block", user="root"),
-                capture_output=True, timeout=30, check=False,
+            poweroff = run(
+                *self.ssh_command("systemctl", "poweroff", "--no-block", user="root"),
+                check=False, timeout=30,
             )
             # Unreachable (still booting, or wedged): nothing to wait for.
             grace = STOP_TIMEOUT_SECONDS if poweroff.returncode == 0 else 0
@@ -379,5 +419,6 @@ def instances() -> list[Instance]:
     slots = sorted(
         int(entry.name[3:]) for entry in state_dir().iterdir()
         if entry.name.startswith("vpi") and entry.name[3:].isdigit()
+        and int(entry.name[3:]) <= MAX_SLOT
     )
     return [Instance(slot) for slot in slots]

@@ -38,7 +38,12 @@ class IsaResult:
                 f"illegal instruction under -cpu {QEMU_CPU}: the binary uses an instruction the "
                 "Pi 5's Cortex-A76 lacks (i8mm, SVE, SME?) and would crash there with SIGILL"
             )
-        return f"ran under -cpu {QEMU_CPU} (exit status {self.returncode})"
+        if self.returncode == 0:
+            return f"ran under -cpu {QEMU_CPU}"
+        return (
+            f"failed under -cpu {QEMU_CPU} with exit status {self.returncode}: "
+            f"{self.stderr[-500:]}"
+        )
 
 
 def run_as_cortex_a76(

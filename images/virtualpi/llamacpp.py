@@ -8,6 +8,7 @@ minutes, and the result is cached under a name that changes with the version and
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ CORTEX_A76_FLAGS = [
     "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16",
     "-DGGML_OPENMP=ON",
     "-DBUILD_SHARED_LIBS=ON",
-    # Find the libraries beside the tools in the build tree, and in ../lib once installed.
+    # Find the libraries beside the tools in the build tree, and in ../lib of the copied prefix.
     "-DCMAKE_BUILD_RPATH=$ORIGIN;$ORIGIN/../lib",
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -56,8 +57,9 @@ int main(void) { puts(llama_print_system_info()); return 0; }
 
 def pinned_version() -> str:
     for line in (REPOSITORY / "constraints.txt").read_text().splitlines():
-        name, _, version = line.partition("==")
-        if name.strip() == "llama-cpp-python":
+        requirement = line.split("#")[0].split(";")[0]
+        name, _, version = requirement.partition("==")
+        if name.strip() == "llama-cpp-python" and version.strip():
             return version.strip()
     raise HostError("constraints.txt does not pin llama-cpp-python")
 
@@ -100,8 +102,15 @@ def ensure_build(version: str | None = None) -> Path:
     """Cross-build (or reuse) llama.cpp's tools and libraries; return the install prefix."""
     version = version or pinned_version()
     prefix = build_dir(version)
-    if (prefix / "BUILD.json").exists():
-        return prefix
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with open(prefix.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; a second one reuses the first
+        if not (prefix / "BUILD.json").exists():
+            _build(version, prefix)
+    return prefix
+
+
+def _build(version: str, prefix: Path) -> None:
     work = prefix.with_name(prefix.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -109,13 +118,15 @@ def ensure_build(version: str | None = None) -> Path:
           "Cortex-A76; several minutes the first time", file=sys.stderr, flush=True)
     with tarfile.open(_sdist(version)) as archive:
         archive.extractall(work, filter="data")
-    source = next(work.glob("*/vendor/llama.cpp"))
+    source = next(work.glob("*/vendor/llama.cpp"), None)
+    if source is None:
+        raise HostError(f"the llama-cpp-python {version} sdist has no vendor/llama.cpp")
     launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
     # ccache keyed on paths relative to the work directory: a rebuild with other flags or in
     # another directory reuses every object whose compile command did not change.
     environment = {**os.environ, "CCACHE_BASEDIR": str(work)}
     run(
-        "cmake", "-S", source, "-B", work / "build", f"-DCMAKE_INSTALL_PREFIX={prefix}",
+        "cmake", "-S", source, "-B", work / "build",
         *CORTEX_A76_FLAGS, *(launcher if shutil.which("ccache") else []), env=environment,
     )
     run(
@@ -138,9 +149,8 @@ def ensure_build(version: str | None = None) -> Path:
     staging.rename(prefix)
     shutil.rmtree(work, ignore_errors=True)
     for older in prefix.parent.glob("cortex-a76-*"):  # builds of other versions or flags
-        if older.name != prefix.name and not older.name.endswith((".work", ".staging")):
+        if older.name != prefix.name:
             shutil.rmtree(older, ignore_errors=True)
-    return prefix
 
 
 def _build_system_info_tool(prefix: Path) -> None:

@@ -139,7 +139,7 @@ COMMANDS = [
     ["chmod", "0440", "/etc/sudoers.d/010_pi-nopasswd"],
     # Host keys are made per instance; an image must not carry one shared key.
     ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"],
-    # An empty machine-id makes systemd create one per instance on first boot.
+    # No machine-id in the image: each instance gets its own.
     ["sh", "-c", ": > /etc/machine-id"],
     ["apt-get", "clean"],
 ]
@@ -179,9 +179,19 @@ def tarball_path() -> Path:
     return images_dir() / f"rootfs-{RECIPE['suite']}-{RECIPE['arch']}-{recipe_digest()}.tar.gz"
 
 
+def _remove_build_tree(work: Path) -> None:
+    """Remove a (possibly interrupted) debootstrap tree, unmounting what it left mounted first:
+    an rmtree through a bind-mounted /dev or /proc would reach the host's."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount_point in sorted(mounts, reverse=True):
+        if mount_point.startswith(f"{work}/"):
+            run("umount", "--lazy", mount_point, check=False)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _build_tarball(target: Path) -> None:
     work = target.with_suffix(".build")
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_build_tree(work)
     started = time.monotonic()
     _log(f"building the arm64 root filesystem with debootstrap (about 5 minutes) → {target}")
     try:
@@ -200,7 +210,7 @@ def _build_tarball(target: Path) -> None:
         run("tar", "--numeric-owner", "--xattrs", "-I", "gzip -1", "-cf", partial, "-C", work, ".")
         partial.rename(target)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_build_tree(work)
     _log(f"root filesystem built in {time.monotonic() - started:.0f} s")
 
 
