@@ -9,10 +9,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Request, Response, current_app, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import BadRequest
 
+from .bench import VERIFICATION_HEADER
 from .engine import (
     Engine,
     EngineState,
@@ -111,7 +112,15 @@ def _client_gone() -> Callable[[], bool]:
     return check if callable(check) else (lambda: False)
 
 
+def is_verification(incoming: Request) -> bool:
+    """Requests of `pi-appliance verify` (authenticated like any other); they are measured by
+    the verifier and kept out of the user-facing metrics."""
+    return incoming.headers.get(VERIFICATION_HEADER) == "1"
+
+
 def _record(metrics: Metrics, stats: GenerationStats) -> None:
+    if is_verification(request):
+        return
     metrics.prompt_tokens.inc(stats.prompt_tokens)
     metrics.generated_tokens.inc(stats.completion_tokens)
     if stats.time_to_first_token is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from flask import Flask, Response, request
 
@@ -28,12 +29,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
     api_key = read_api_key(settings.server.api_key_file) if settings.server.api_key_file else None
-    metrics = Metrics(engine, settings.paths.hardware_root)
+    metrics = Metrics(engine, settings.paths.hardware_root, settings.verify_state_file)
     app.extensions.update({
         "appliance.settings": settings,
         "appliance.engine": engine,
         "appliance.metrics": metrics,
         "appliance.started": time.monotonic(),
+        # Names this process in /health; a verification result counts only for the instance
+        # it measured.
+        "appliance.instance_id": uuid.uuid4().hex,
     })
 
     @app.before_request
@@ -43,6 +47,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
 
     @app.after_request
     def _count(response: Response) -> Response:
+        if api.is_verification(request):
+            return response
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response

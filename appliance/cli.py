@@ -1,4 +1,5 @@
-"""`pi-appliance`: serve, check a configuration, ask a running service for its health."""
+"""`pi-appliance`: serve, check a configuration, ask a running service for its health,
+benchmark a model or a service, verify the service against its speed target."""
 
 from __future__ import annotations
 
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--url", default=DEFAULT_HEALTH_URL)
     health.add_argument("--timeout", type=float, default=10.0)
     health.set_defaults(handler=_health)
+
+    from .benchcmd import add_commands
+
+    add_commands(commands)
     return parser
 
 

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, hardware
 from .engine import Engine, EngineState
+from .settings import Settings
 
 bp = Blueprint("ops", __name__)
 
@@ -32,6 +33,28 @@ def engine_status(engine: Engine) -> str:
     return "stalled" if engine.is_stalled() else "ok"
 
 
+def service_status(engine: Engine, settings: Settings, instance_id: str,
+                   verification: dict[str, Any] | None) -> tuple[str, str | None]:
+    """The status monitoring acts on, and why it is not "ok".
+
+    loading → verifying → ok: a load balancer must not send traffic into a running benchmark,
+    so a loaded model counts only once a verification of *this* instance has finished. Below
+    target, `verify.on_fail` decides: "degraded" keeps serving (200), "refuse" does not (503).
+    """
+    status = engine_status(engine)
+    if status != "ok" or not settings.verify.enabled:
+        return status, None
+    if not verification or verification.get("instance_id") != instance_id:
+        return "verifying", "waiting for the speed verification of this start"
+    if verification.get("result") == "pass":
+        return "ok", None
+    reason = str(verification.get("reason"))
+    return ("degraded" if settings.verify.on_fail == "degraded" else "refused"), reason
+
+
+HEALTHY = frozenset({"ok", "degraded"})
+
+
 def board_facts(root: Path) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     model = hardware.board_model(root)
@@ -49,10 +72,14 @@ def board_facts(root: Path) -> dict[str, Any]:
 @bp.get("/health")
 def health() -> tuple[Response, int]:
     engine: Engine = current_app.extensions["appliance.engine"]
-    settings = current_app.extensions["appliance.settings"]
-    status = engine_status(engine)
+    settings: Settings = current_app.extensions["appliance.settings"]
+    instance_id = current_app.extensions["appliance.instance_id"]
+    verification = read_verification(settings.verify_state_file)
+    status, reason = service_status(engine, settings, instance_id, verification)
     body: dict[str, Any] = {
         "status": status,
+        "reason": reason,
+        "instance_id": instance_id,
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - current_app.extensions["appliance.started"],
                                 1),
@@ -61,12 +88,19 @@ def health() -> tuple[Response, int]:
                    "busy": engine.busy, "queue_depth": engine.queue_depth,
                    "heartbeat_age_seconds": round(engine.heartbeat_age(), 3),
                    "stall_seconds": settings.limits.stall_seconds},
-        "verification": read_verification(settings.verify_state_file),
+        "verification": _summary(verification),
         "board": board_facts(settings.paths.hardware_root),
     }
     if engine.failure is not None:
         body["error"] = str(engine.failure)
-    return jsonify(body), 200 if status == "ok" else 503
+    return jsonify(body), 200 if status in HEALTHY else 503
+
+
+def _summary(verification: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The verdict without the full benchmark report (that stays in the state file)."""
+    if verification is None:
+        return None
+    return {key: value for key, value in verification.items() if key != "report"}
 
 
 @bp.get("/metrics")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +20,10 @@ if TYPE_CHECKING:
 class _LiveCollector(Collector):
     """Values read at scrape time, so they are never stale: engine state and the board."""
 
-    def __init__(self, engine: Engine, hardware_root: Path):
+    def __init__(self, engine: Engine, hardware_root: Path, verify_state_file: Path):
         self._engine = engine
         self._root = hardware_root
+        self._verify_state_file = verify_state_file
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine
@@ -54,10 +56,27 @@ class _LiveCollector(Collector):
                 for condition, active in throttle.flags(since_boot=since_boot).items():
                     flags.add_metric([condition, when], int(active))
             yield flags
+        yield from self._verification()
+
+    def _verification(self) -> Iterator[Metric]:
+        try:
+            result = json.loads(self._verify_state_file.read_text())
+        except (OSError, ValueError):
+            return
+        yield GaugeMetricFamily("appliance_verification_passed",
+                                "1 if the last speed verification met its target",
+                                value=int(result.get("result") == "pass"))
+        if result.get("measured_tps") is not None:
+            yield GaugeMetricFamily("appliance_verification_tokens_per_second",
+                                    "Decode speed the last verification measured",
+                                    value=result["measured_tps"])
+        yield GaugeMetricFamily("appliance_verification_target_tokens_per_second",
+                                "Decode speed the verification requires",
+                                value=result.get("target_tps", 0))
 
 
 class Metrics:
-    def __init__(self, engine: Engine, hardware_root: Path):
+    def __init__(self, engine: Engine, hardware_root: Path, verify_state_file: Path):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("appliance_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -73,4 +92,4 @@ class Metrics:
             "appliance_time_to_first_token_seconds", "Time from request to first token",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
             registry=self.registry)
-        self.registry.register(_LiveCollector(engine, hardware_root))
+        self.registry.register(_LiveCollector(engine, hardware_root, verify_state_file))

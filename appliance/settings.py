@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .exitcodes import ConfigError
@@ -135,12 +136,40 @@ class PathSettings(_Section):
     hardware_root: Path = Path("/")
 
 
+class VerifySettings(_Section):
+    """The speed check the verify unit runs after every start (`pi-appliance verify`)."""
+
+    # false: /health is "ok" as soon as the model is loaded, without waiting for a verification.
+    enabled: bool = True
+    target_tps: float = Field(default=8.0, gt=0, le=10_000)
+    # Pass at target * (1 - tolerance): run-to-run noise must not flip the verdict.
+    tolerance: float = Field(default=0.05, ge=0, lt=1)
+    # Tokens already in context when generation is timed: a realistic conversation.
+    depth: int = Field(default=1024, ge=0, le=262_144)
+    n_prompt: int = Field(default=64, ge=1, le=8192)
+    n_gen: int = Field(default=64, ge=8, le=4096)
+    repetitions: int = Field(default=3, ge=1, le=50)
+    on_fail: Literal["degraded", "refuse"] = "degraded"
+    # How long verification waits for the service to finish loading its model.
+    wait_seconds: float = Field(default=900.0, gt=0, le=86_400)
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()
     model: ModelSettings
     limits: LimitsSettings = LimitsSettings()
     paths: PathSettings = PathSettings()
+    verify: VerifySettings = VerifySettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _verification_fits_context(self) -> Settings:
+        needed = self.verify.depth + self.verify.n_prompt + self.verify.n_gen
+        if self.verify.enabled and needed > self.model.context:
+            raise ValueError(
+                f"verify.depth + verify.n_prompt + verify.n_gen = {needed} tokens does not fit "
+                f"in model.context = {self.model.context}: lower verify.depth or raise the context")
+        return self
 
     @property
     def verify_state_file(self) -> Path:
@@ -150,8 +179,10 @@ class Settings(_Section):
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: {error.error_count()} problem(s) in the configuration:"]
     for item in error.errors(include_url=False):
-        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
+        path = ".".join(str(part) for part in item["loc"])
+        if not path:  # a rule across sections: its message names the keys
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key (value {item['input']!r}); check its spelling")
         elif item["type"] == "missing":
             lines.append(f"  {path}: required, but not given")

@@ -38,6 +38,7 @@ def make_settings(tmp_path: Path, model_path: Path) -> Callable[..., Settings]:
         data: dict[str, Any] = {
             "model": {"path": str(model_path), "threads": 2, "context": 2048},
             "paths": {"state_dir": str(tmp_path)},
+            "verify": {"enabled": False},  # tests of verification turn it on
         }
         for section, values in sections.items():
             data.setdefault(section, {}).update(values)
@@ -53,6 +54,7 @@ def shared_engine(model_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
     settings = Settings.model_validate({
         "model": {"path": str(model_path), "threads": 2, "context": 2048},
         "paths": {"state_dir": str(state)},
+        "verify": {"enabled": False},
     })
     engine = Engine(settings.model, settings.limits, state)
     engine.load()
@@ -147,6 +149,7 @@ def start_server(tmp_path: Path, model_path: Path) -> Iterator[Callable[..., Ser
             "server": {"host": "127.0.0.1", "port": port},
             "model": {"path": str(model_path), "threads": 2, "context": 2048},
             "paths": {"state_dir": str(tmp_path)},
+            "verify": {"enabled": False},  # tests of verification turn it on
         }
         for section, values in sections.items():
             config_data.setdefault(section, {}).update(values)
@@ -166,6 +169,21 @@ def start_server(tmp_path: Path, model_path: Path) -> Iterator[Callable[..., Ser
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
+
+
+@pytest.fixture
+def pi5_root(tmp_path: Path) -> Path:
+    """A Raspberry Pi 5's sysfs as far as the appliance reads it: throttled now and before."""
+    root = tmp_path / "pi5"
+    (root / "sys/firmware/devicetree/base").mkdir(parents=True)
+    (root / "sys/firmware/devicetree/base/model").write_bytes(
+        b"Raspberry Pi 5 Model B Rev 1.1\x00")
+    (root / "sys/class/thermal/thermal_zone0").mkdir(parents=True)
+    (root / "sys/class/thermal/thermal_zone0/temp").write_text("81250\n")
+    firmware = root / "sys/devices/platform/axi/axi:firmware"
+    firmware.mkdir(parents=True)
+    (firmware / "get_throttled").write_text("60006\n")  # capped + throttled: now and since boot
+    return root
 
 
 # The virtual Raspberry Pi 5 (images/virtualpi) -----------------------------------------------

@@ -279,21 +279,6 @@ def test_metrics_count_requests_and_tokens(make_settings, shared_engine):
     assert metric_value(text, 'appliance_engine_state{state="ready"}') == 1
 
 
-@pytest.fixture
-def pi5_root(tmp_path: Path) -> Path:
-    """A Raspberry Pi 5's sysfs as far as the appliance reads it: throttled now and before."""
-    root = tmp_path / "pi5"
-    (root / "sys/firmware/devicetree/base").mkdir(parents=True)
-    (root / "sys/firmware/devicetree/base/model").write_bytes(
-        b"Raspberry Pi 5 Model B Rev 1.1\x00")
-    (root / "sys/class/thermal/thermal_zone0").mkdir(parents=True)
-    (root / "sys/class/thermal/thermal_zone0/temp").write_text("81250\n")
-    firmware = root / "sys/devices/platform/axi/axi:firmware"
-    firmware.mkdir(parents=True)
-    (firmware / "get_throttled").write_text("60006\n")  # capped + throttled: now and since boot
-    return root
-
-
 def test_health_and_metrics_report_the_board(make_settings, shared_engine, pi5_root):
     app = create_app(make_settings(paths={"hardware_root": str(pi5_root)}), shared_engine)
     client = app.test_client()

@@ -1,0 +1,228 @@
+"""`pi-appliance bench` and `verify`: honest figures, the verdict, and what /health makes of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from appliance import roofline
+from appliance.app import create_app
+from appliance.bench import BenchSpec, InProcess
+from appliance.cli import main
+from appliance.conditions import Conditions, Monitor, parse_pmic_adc
+from appliance.exitcodes import ConfigError
+from appliance.settings import validate
+from appliance.verify import write_result
+from tests.conftest import free_port, http_json, write_config
+from tests.test_api import metric_value
+
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+QUICK = ("--depth", "0,32", "--n-prompt", "16", "--n-gen", "8", "--repetitions", "2")
+# A quick verification at a realistic shape; the target decides the verdict.
+QUICK_VERIFY = {"enabled": True, "depth": 64, "n_prompt": 16, "n_gen": 16, "repetitions": 2,
+                "wait_seconds": 60}
+
+# `vcgencmd pmic_read_adc` on a Raspberry Pi 5 (abridged): each rail's current and voltage.
+PMIC_SAMPLE = """\
+     3V7_WL_SW_A current(0)=0.10000000A
+     3V3_SYS_A current(1)=0.20000000A
+     VDD_CORE_A current(7)=2.00000000A
+     3V7_WL_SW_V volt(8)=3.70000000V
+     3V3_SYS_V volt(9)=3.30000000V
+     VDD_CORE_V volt(15)=0.90000000V
+     EXT5V_V volt(24)=5.10000000V
+"""
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().out
+
+
+def test_bench_in_process_reports_pp_tg_ttft_per_depth_with_its_conditions(
+    capsys, model_path, tmp_path
+):
+    code, out = run_cli(capsys, "bench", "--model", str(model_path), "--threads", "2",
+                        "--state-dir", str(tmp_path), "--json", *QUICK)
+    report = json.loads(out)
+    assert code == 0
+    assert [row["depth"] for row in report["results"]] == [0, 32]
+    for row in report["results"]:
+        for figure in ("pp_tokens_per_second", "tg_tokens_per_second", "time_to_first_token_ms"):
+            assert set(row[figure]) == {"median", "min", "max", "stdev", "samples"}
+            assert len(row[figure]["samples"]) == 2 and row[figure]["median"] > 0
+        assert (row["n_prompt"], row["n_gen"]) == (16, 8)
+    assert report["model"]["sha256"] == SMOLLM2_SHA256
+    assert report["model"]["quantization"] == "Q4_1"
+    assert "CPU :" in report["system_info"] and report["threads"] == 2
+    assert report["machine"]["cpu_model"] and report["machine"]["memory_total_bytes"] > 0
+    assert report["conditions"]["valid"] is True
+    assert report["spec"] == {"depths": [0, 32], "n_prompt": 16, "n_gen": 8, "repetitions": 2,
+                              "warmup": True}
+
+
+def test_bench_table_and_roofline_from_a_measured_bandwidth(capsys, model_path, tmp_path):
+    code, out = run_cli(capsys, "bench", "--bandwidth", "--state-dir", str(tmp_path))
+    assert code == 0 and "GB/s" in out
+    stored = roofline.load_bandwidth(tmp_path)
+    assert stored["read_bytes_per_second"] > 1e8  # any machine reads faster than 100 MB/s
+
+    code, out = run_cli(capsys, "bench", "--model", str(model_path), "--threads", "1",
+                        "--state-dir", str(tmp_path), *QUICK)
+    assert code == 0
+    assert "depth" in out and "tg tok/s" in out and "Q4_1" in out
+    assert "roofline" in out and "% of it" in out
+
+
+def test_kv_cache_bytes_follow_the_models_architecture(model_path):
+    runner = InProcess(model_path, 1, BenchSpec(depths=[0], n_prompt=8, n_gen=8))
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dimensions; K and V in f16.
+    assert roofline.kv_bytes_per_token(runner.metadata()) == 2 * 30 * 3 * 64 * 2
+
+
+def test_threads_auto_sweeps_and_keeps_the_fastest(capsys, model_path, tmp_path):
+    _, out = run_cli(capsys, "bench", "--model", str(model_path), "--threads", "auto",
+                        "--state-dir", str(tmp_path), "--json", "--depth", "0",
+                        "--n-prompt", "8", "--n-gen", "8", "--repetitions", "1")
+    report = json.loads(out)
+    rates = {int(k): v for k, v in report["threads_sweep"]["tg_tokens_per_second"].items()}
+    assert sorted(rates) == list(range(1, len(rates) + 1))
+    assert report["threads"] == max(rates, key=rates.__getitem__)
+
+
+def test_throttling_during_a_run_marks_it_invalid(pi5_root):
+    with Monitor(pi5_root, interval=0.05) as monitor:
+        time.sleep(0.2)
+    conditions = monitor.conditions.as_dict()
+    assert conditions["valid"] is False
+    assert "arm_frequency_capped" in conditions["invalid_reason"]
+    assert "throttled" in conditions["invalid_reason"]
+    assert conditions["throttle"]["before"] == "0x60006"
+    assert conditions["soc_temperature_celsius"]["max"] == 81.25
+    assert Conditions(throttle_now_during=0).invalid_reason is None
+    # Bits 16-19 ("since boot") alone do not invalidate a run.
+    assert "under_voltage" in Conditions(throttle_now_during=0x1).invalid_reason
+
+
+def test_power_is_summed_over_the_pmic_rails():
+    assert parse_pmic_adc(PMIC_SAMPLE) == pytest.approx(0.1 * 3.7 + 0.2 * 3.3 + 2.0 * 0.9)
+    assert parse_pmic_adc("error=2 error_msg=\"Command not registered\"") is None
+
+
+def test_a_verification_that_cannot_fit_the_context_is_a_config_error(model_path):
+    with pytest.raises(ConfigError) as error:
+        validate({"model": {"path": str(model_path), "context": 512}}, "appliance.toml")
+    assert "verify.depth" in str(error.value) and "model.context = 512" in str(error.value)
+
+
+def test_an_interrupted_write_leaves_the_previous_verdict(tmp_path, monkeypatch):
+    state = tmp_path / "verify.json"
+    write_result(state, {"result": "pass", "measured_tps": 9.1})
+
+    def crash(*args):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        write_result(state, {"result": "fail", "measured_tps": 1.0})
+    assert json.loads(state.read_text()) == {"result": "pass", "measured_tps": 9.1}
+    assert [path.name for path in tmp_path.iterdir()] == ["verify.json"]
+
+
+def test_health_waits_for_a_verification_of_this_very_instance(make_settings, shared_engine):
+    settings = make_settings(verify={"enabled": True})
+    client = create_app(settings, shared_engine).test_client()
+    health = client.get("/health")
+    assert (health.status_code, health.get_json()["status"]) == (503, "verifying")
+    # A pass recorded for an earlier instance (before a restart) does not count.
+    write_result(settings.verify_state_file, {"result": "pass", "instance_id": "an-earlier-one"})
+    assert client.get("/health").get_json()["status"] == "verifying"
+
+
+def wait_for_status(server, wanted: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, body = http_json(server.url + "/health", timeout=2)
+            if body.get("status") == wanted:
+                return body
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"/health never said {wanted!r}:\n{server.output()}")
+
+
+def verify_cli(server) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "verify", "--config", str(server.config),
+         "--json"], capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.slow
+def test_verification_that_passes_turns_verifying_into_ok(start_server, tmp_path):
+    server = start_server(verify={**QUICK_VERIFY, "target_tps": 0.5})
+    wait_for_status(server, "verifying")
+    assert http_json(server.url + "/health")[0] == 503
+
+    verified = verify_cli(server)
+    assert verified.returncode == 0, verified.stderr
+    result = json.loads(verified.stdout)
+    assert result["result"] == "pass" and result["measured_tps"] > 0.5
+    on_disk = json.loads((tmp_path / "verify.json").read_text())
+    assert on_disk["instance_id"] == result["instance_id"]
+    assert on_disk["report"]["results"][0]["depth"] == 64
+    assert on_disk["model"]["sha256"] == SMOLLM2_SHA256
+
+    status, health = http_json(server.url + "/health")
+    assert (status, health["status"]) == (200, "ok")
+    assert health["verification"]["measured_tps"] == result["measured_tps"]
+    metrics = urllib_text(server.url + "/metrics")
+    assert metric_value(metrics, "appliance_verification_passed") == 1
+    assert metric_value(metrics, "appliance_verification_tokens_per_second") > 0.5
+    # The verifier's own requests are not user traffic.
+    assert metric_value(metrics, "appliance_generated_tokens_total") == 0
+    assert "/v1/completions" not in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("on_fail", "status", "code"),
+                         [("degraded", "degraded", 200), ("refuse", "refused", 503)])
+def test_verification_below_target_degrades_or_refuses(start_server, on_fail, status, code):
+    server = start_server(verify={**QUICK_VERIFY, "target_tps": 10_000, "on_fail": on_fail})
+    wait_for_status(server, "verifying")
+    verified = verify_cli(server)
+    assert verified.returncode == 1, verified.stderr
+    result = json.loads(verified.stdout)
+    assert result["result"] == "fail" and "below the target 10000" in result["reason"]
+    answer, health = http_json(server.url + "/health")
+    assert (answer, health["status"]) == (code, status)
+    assert "below the target" in health["reason"]
+
+
+def test_verification_of_a_service_that_is_not_there_says_so(tmp_path, model_path):
+    settings = write_settings(tmp_path, model_path, free_port())
+    verified = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "verify", "--config", str(settings)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert verified.returncode == 69
+    assert "could not measure" in verified.stdout and "not ready within 1 s" in verified.stdout
+    assert json.loads((tmp_path / "verify.json").read_text())["result"] == "error"
+
+
+def write_settings(tmp_path: Path, model_path: Path, port: int) -> Path:
+    return write_config(tmp_path / "appliance.toml", {
+        "server": {"port": port}, "model": {"path": str(model_path), "context": 2048},
+        "paths": {"state_dir": str(tmp_path)}, "verify": {"wait_seconds": 1},
+    })
+
+
+def urllib_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
