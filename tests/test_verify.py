@@ -14,7 +14,7 @@ import pytest
 
 from appliance import roofline
 from appliance.app import create_app
-from appliance.bench import BenchSpec, InProcess
+from appliance.bench import BenchSpec, Endpoint, InProcess
 from appliance.cli import main
 from appliance.conditions import Conditions, Monitor, parse_pmic_adc
 from appliance.exitcodes import ConfigError
@@ -186,9 +186,15 @@ def test_verification_that_passes_turns_verifying_into_ok(start_server, tmp_path
     metrics = urllib_text(server.url + "/metrics")
     assert metric_value(metrics, "appliance_verification_passed") == 1
     assert metric_value(metrics, "appliance_verification_tokens_per_second") > 0.5
-    # The verifier's own requests are not user traffic.
+    # The verifier's own requests are not user traffic; a user's streamed request is.
     assert metric_value(metrics, "appliance_generated_tokens_total") == 0
     assert "/v1/completions" not in metrics
+    user = Endpoint(server.url)
+    user.stream_completion("Hello", max_tokens=5)
+    metrics = urllib_text(server.url + "/metrics")
+    assert metric_value(metrics, "appliance_generated_tokens_total") == 5
+    assert 'appliance_requests_total{endpoint="/v1/completions",status="200"} 1.0' in metrics
+    assert "Traceback" not in server.output()
 
 
 @pytest.mark.slow
