@@ -41,6 +41,10 @@ def serve(settings: Settings) -> int:
             threads=settings.server.http_threads,
             # Lets the app notice a client that hangs up while its request is generating.
             channel_request_lookahead=1,
+            # Each streamed token is sent by the thread that produced it, at once. The default
+            # (18000) leaves small writes to the I/O thread: one more thread to wake per token,
+            # competing with the inference threads for the cores.
+            send_bytes=1,
             ident="pi-llm-appliance", clear_untrusted_proxy_headers=True,
         )
     except OSError as exc:

@@ -164,8 +164,13 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _verification_fits_context(self) -> Settings:
-        needed = self.verify.depth + self.verify.n_prompt + self.verify.n_gen
-        if self.verify.enabled and needed > self.model.context:
+        verify = self.verify
+        room = self.model.context - verify.n_prompt - verify.n_gen
+        if "depth" not in verify.model_fields_set and 0 <= room < verify.depth:
+            # The default depth, in a smaller context: as deep as it fits.
+            return self.model_copy(update={"verify": verify.model_copy(update={"depth": room})})
+        needed = verify.depth + verify.n_prompt + verify.n_gen
+        if verify.enabled and needed > self.model.context:
             raise ValueError(
                 f"verify.depth + verify.n_prompt + verify.n_gen = {needed} tokens does not fit "
                 f"in model.context = {self.model.context}: lower verify.depth or raise the context")

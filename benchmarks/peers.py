@@ -96,7 +96,9 @@ def llama_bench(prefix: Path, model: Path, threads: int, spec: BenchSpec) -> dic
 def through_api(url: str, spec: BenchSpec, extra_body: dict[str, Any]) -> dict[str, Any]:
     runner = ThroughService(Endpoint(url, extra_body=extra_body), spec)
     row = summarize(run_passes(runner, spec, log))[0]
-    return {"pp": row["pp_tokens_per_second"]["median"],
+    # A server that reports no prompt token count (llama_cpp.server's stream) has no pp figure.
+    pp = row["pp_tokens_per_second"]["median"] if row["n_prompt"] else None
+    return {"pp": pp,
             "tg": row["tg_tokens_per_second"]["median"],
             "tg_stdev": row["tg_tokens_per_second"]["stdev"],
             "ttft_ms": row["time_to_first_token_ms"]["median"]}
@@ -155,9 +157,29 @@ def table(figures: dict[str, dict[str, Any]]) -> str:
         ttft = "—" if row["ttft_ms"] is None else f"{row['ttft_ms']:.1f}"
         delta = ("—" if row["ttft_ms"] is None
                  else f"{row['ttft_ms'] - server_ttft:+.1f} ms")
-        lines.append(f"| {name} | {row['pp']:.1f} | {row['tg']:.2f} | "
+        pp = "—" if row["pp"] is None else f"{row['pp']:.1f}"
+        lines.append(f"| {name} | {pp} | {row['tg']:.2f} | "
                      f"{row['tg'] / reference:.3f} | {ttft} | {delta} |")
     return "\n".join(lines)
+
+
+BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
+
+
+def write_tables(args: argparse.Namespace, tables: str) -> None:
+    """Replace the measured part of the Markdown file, keeping the prose around it."""
+    command = "python benchmarks/peers.py " + " ".join(sys.argv[1:])
+    measured = (
+        f"{BEGIN}\nMeasured {time.strftime('%Y-%m-%d')} on {cpu_model()} "
+        f"({os.cpu_count()} cores, {platform.machine()}), model `{args.model.name}`, "
+        f"prompt {args.n_prompt} tokens, {args.n_gen} generated, median of "
+        f"{args.repetitions} passes after a warm-up, all in one run of:\n\n"
+        f"```sh\n.venv/bin/{command}\n```\n\n{tables}\n{END}"
+    )
+    text = args.write.read_text() if args.write.exists() else f"# Benchmarks\n\n{BEGIN}{END}\n"
+    before, _, rest = text.partition(BEGIN)
+    _, _, after = rest.partition(END)
+    args.write.write_text(before + measured + after)
 
 
 def main() -> int:
@@ -180,19 +202,7 @@ def main() -> int:
         sections.append(f"### {threads} thread{'s' if threads > 1 else ''}\n\n{table(figures)}\n")
         print(sections[-1])
     if args.write:
-        command = "python benchmarks/peers.py " + " ".join(sys.argv[1:])
-        args.write.write_text(
-            "# Benchmarks: the appliance side by side with llama.cpp and llama-cpp-python\n\n"
-            f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} "
-            f"({os.cpu_count()} cores, {platform.machine()}), model `{args.model.name}`, "
-            f"prompt {args.n_prompt} tokens, {args.n_gen} generated, median of "
-            f"{args.repetitions} passes after a warm-up, all in one run of:\n\n"
-            f"```sh\n.venv/bin/{command}\n```\n\n"
-            "llama-bench and llama-server are built from the llama.cpp that llama-cpp-python "
-            f"{llamacpp.pinned_version()} vendors (native CPU flags, OpenMP), so every row runs "
-            "the same inference code. Servers are measured through HTTP with streaming by the "
-            "same client; llama-bench has no HTTP and no time to first token.\n\n"
-            + "\n".join(sections))
+        write_tables(args, "\n".join(sections))
     return 0
 
 

@@ -118,8 +118,12 @@ def test_power_is_summed_over_the_pmic_rails():
 
 def test_a_verification_that_cannot_fit_the_context_is_a_config_error(model_path):
     with pytest.raises(ConfigError) as error:
-        validate({"model": {"path": str(model_path), "context": 512}}, "appliance.toml")
+        validate({"model": {"path": str(model_path), "context": 512},
+                  "verify": {"depth": 1024}}, "appliance.toml")
     assert "verify.depth" in str(error.value) and "model.context = 512" in str(error.value)
+    # Left at its default, the depth shrinks to what the context holds.
+    settings = validate({"model": {"path": str(model_path), "context": 512}}, "appliance.toml")
+    assert settings.verify.depth == 512 - 64 - 64
 
 
 def test_an_interrupted_write_leaves_the_previous_verdict(tmp_path, monkeypatch):

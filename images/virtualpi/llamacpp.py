@@ -155,8 +155,8 @@ def _build(version: str, prefix: Path, target: Target) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "bin").mkdir(parents=True)
     (staging / "lib").mkdir()
-    for target in TARGETS:
-        shutil.copy2(work / "build" / "bin" / target, staging / "bin" / target)
+    for tool in TARGETS:
+        shutil.copy2(work / "build" / "bin" / tool, staging / "bin" / tool)
     for library in (work / "build" / "bin").glob("*.so*"):
         shutil.copy2(library, staging / "lib" / library.name, follow_symlinks=False)
     (staging / "BUILD.json").write_text(json.dumps(
