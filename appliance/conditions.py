@@ -7,6 +7,7 @@ power while a measurement runs; a run during which a "now" throttle bit was set 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import re
@@ -46,10 +47,19 @@ def memory_total_bytes(root: Path = Path("/")) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_facts(root: Path = Path("/")) -> dict[str, Any]:
-    """What the machine is: CPU, cores, RAM, board, and this program's version."""
+    """What the machine is: CPU, cores, RAM, board, and the software versions that measure."""
     return {
         "appliance_version": __version__,
+        # Pins the vendored llama.cpp; the system-info line says how it was compiled.
+        "llama_cpp_python_version": _installed_version("llama-cpp-python"),
         "cpu_model": cpu_model(root),
         "cpu_count": os.cpu_count(),
         "physical_cores": hardware.physical_core_count(root),

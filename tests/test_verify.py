@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from virtualpi.llamacpp import pinned_version
 
 from appliance import roofline
 from appliance.app import create_app
@@ -63,6 +64,7 @@ def test_bench_in_process_reports_pp_tg_ttft_per_depth_with_its_conditions(
     assert report["model"]["quantization"] == "Q4_1"
     assert "CPU :" in report["system_info"] and report["threads"] == 2
     assert report["machine"]["cpu_model"] and report["machine"]["memory_total_bytes"] > 0
+    assert report["machine"]["llama_cpp_python_version"] == pinned_version()
     assert report["conditions"]["valid"] is True
     assert report["spec"] == {"depths": [0, 32], "n_prompt": 16, "n_gen": 8, "repetitions": 2,
                               "warmup": True}
