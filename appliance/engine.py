@@ -15,9 +15,11 @@ from __future__ import annotations
 import codecs
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -154,6 +156,11 @@ class Engine:
         self._average_request_seconds = 5.0
         self._request_started = 0.0
         self._stop = threading.Event()
+        # Every call into llama.cpp (load and each generation) runs on this one thread.
+        # llama.cpp's OpenMP workers belong to the thread that calls it: calls from many HTTP
+        # threads would leave one idle worker team per thread, and with more OpenMP threads
+        # than cores libgomp stops spinning between operations, halving decode speed.
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.state = EngineState.LOADING
         self.status_line = "starting"
         self.facts: ModelFacts | None = None
@@ -164,7 +171,7 @@ class Engine:
     def load(self) -> ModelFacts:
         """Check, then load the model. On failure the state is FAILED and the error re-raised."""
         try:
-            self.facts = self._load()
+            self.facts = self._inference.submit(self._load).result()
         except ApplianceError as exc:
             self.failure = exc
             self.state = EngineState.FAILED
@@ -334,10 +341,37 @@ class Engine:
         """Yield text pieces as they are decoded; `stats` is filled in as it goes.
 
         Ends early, with finish_reason "cancelled", when the engine shuts down or
-        `cancelled()` turns true (the client went away).
+        `cancelled()` turns true (the client went away). The decoding runs on the inference
+        thread; this generator hands its pieces over, and when it is closed early it stops the
+        loop and waits for it, so the lease is never released while llama.cpp still runs.
         """
         if lease.released or lease.engine is not self:
             raise RuntimeError("generate() needs a lease that is held")
+        pieces: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
+        closed = threading.Event()
+
+        def produce() -> None:
+            try:
+                for piece in self._decode(prompt, sampling, stats,
+                                          lambda: closed.is_set() or cancelled()):
+                    pieces.put(piece)
+            except BaseException as exc:  # handed to the caller's thread, raised there
+                pieces.put(exc)
+            finally:
+                pieces.put(None)
+
+        done = self._inference.submit(produce)
+        try:
+            while (item := pieces.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            closed.set()
+            done.result()
+
+    def _decode(self, prompt: list[int], sampling: Sampling, stats: GenerationStats,
+                cancelled: Callable[[], bool]) -> Iterator[str]:
         llama = self._llama
         vocab = llama._model.vocab
         from llama_cpp import llama_cpp

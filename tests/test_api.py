@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -298,3 +299,28 @@ def test_board_facts_are_absent_not_faked_off_a_pi(client, tmp_path):
     if os.path.exists("/sys/class/thermal/thermal_zone0/temp"):
         pytest.skip("this machine has a thermal zone")
     assert "soc_temperature_celsius" not in client.get("/health").get_json()["board"]
+
+
+def test_every_generation_runs_on_the_one_inference_thread(make_settings, shared_engine,
+                                                           monkeypatch):
+    # llama.cpp's OpenMP workers belong to the calling thread: generations arriving on many HTTP
+    # threads must all be decoded on one, or idle worker teams pile up and halve decode speed.
+    threads = set()
+    decode = shared_engine._decode
+
+    def recording(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        yield from decode(*args, **kwargs)
+
+    monkeypatch.setattr(shared_engine, "_decode", recording)
+    client = create_app(make_settings(), shared_engine).test_client()
+
+    def ask() -> None:
+        reply = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+        assert reply.status_code == 200
+
+    callers = [threading.Thread(target=ask, name=f"http-{n}") for n in range(3)]
+    for caller in callers:
+        caller.start()
+        caller.join()
+    assert len(threads) == 1 and threads.pop().startswith("inference")
