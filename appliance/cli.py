@@ -83,6 +83,15 @@ def _health(args: argparse.Namespace) -> int:
     return ExitCode.OK if body.get("status") == "ok" else ExitCode.NOT_OK
 
 
+def _hw(args: argparse.Namespace) -> int:
+    from .detect import detect, format_report
+
+    directories = {"state": args.state_dir, "models": args.model_dir}
+    report = detect(args.root, directories)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pi-appliance", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -109,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--url", default=DEFAULT_HEALTH_URL)
     health.add_argument("--timeout", type=float, default=10.0)
     health.set_defaults(handler=_health)
+
+    hw = commands.add_parser("hw", help="what this machine offers a model: RAM, CPU, storage")
+    hw.add_argument("--json", action="store_true")
+    hw.add_argument("--state-dir", type=Path, default=Path("/var/lib/pi-llm-appliance"))
+    hw.add_argument("--model-dir", type=Path, default=Path("/var/lib/pi-llm-appliance/models"))
+    hw.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
+    hw.set_defaults(handler=_hw)
 
     from .benchcmd import add_commands
 

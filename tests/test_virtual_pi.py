@@ -252,3 +252,21 @@ def test_cross_built_llama_cpp_runs_as_a_cortex_a76_with_neon_and_dotprod(
     runs = {(run["n_prompt"], run["n_gen"]): run for run in json.loads(bench.stdout)}
     assert runs[(0, 8)]["avg_ts"] > 0 and runs[(16, 0)]["avg_ts"] > 0
     assert runs[(0, 8)]["model_type"].endswith("Q4_1")
+
+
+def test_the_appliance_detects_a_pi5_8gb_with_nvme_in_the_virtual_pi(virtual_pi):
+    package = REPOSITORY / "appliance"
+    virtual_pi.ssh("mkdir -p /tmp/detector/appliance")
+    subprocess.run(
+        ["scp", "-q", "-i", str(virtual_pi.key), "-o",
+         f"UserKnownHostsFile={virtual_pi.known_hosts}",
+         *(str(package / name) for name in ("__init__.py", "hardware.py", "detect.py")),
+         f"pi@{virtual_pi.address}:/tmp/detector/appliance/"],
+        check=True,
+    )
+    script = "import json; from appliance.detect import detect; print(json.dumps(detect()))"
+    report = json.loads(virtual_pi.ssh(f"cd /tmp/detector && python3 -c '{script}'").stdout)
+    assert report["board"] == {"model": "Raspberry Pi 5 Model B Rev 1.0", "revision": "d04170",
+                               "memory_bytes": 8 << 30}
+    assert report["cpu"]["model"] == "Cortex-A76" and "asimddp" in report["cpu"]["features"]
+    assert report["storage"]["nvme_drives"] == ["nvme0n1"]
