@@ -58,7 +58,7 @@ def read_gguf_header(path: Path) -> GgufHeader:
     return GgufHeader(version, tensors, keys)
 
 
-def _hash_file(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(HASH_CHUNK_BYTES):
@@ -78,11 +78,16 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    descriptor = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(directory)
+        os.fsync(descriptor)
     finally:
-        os.close(directory)
+        os.close(descriptor)
 
 
 def _cache_locations(path: Path, fallback_dir: Path | None) -> list[Path]:
@@ -104,7 +109,7 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
             continue
         if isinstance(cached, dict) and all(cached.get(k) == v for k, v in key.items()):
             return str(cached["sha256"])
-    digest = _hash_file(path)
+    digest = sha256_of_file(path)
     record = json.dumps({**key, "sha256": digest}).encode()
     for cache in locations:  # the model directory may be read-only for the service
         try:

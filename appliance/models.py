@@ -30,7 +30,7 @@ from typing import Any
 from .conditions import now_iso
 from .exitcodes import ApplianceError, ExitCode, ModelFileError
 from .gguf import check_complete
-from .modelfile import HASH_CHUNK_BYTES, read_gguf_header, write_atomically
+from .modelfile import fsync_directory, read_gguf_header, sha256_of_file, write_atomically
 
 Progress = Callable[[str], None]
 DOWNLOAD_ATTEMPTS = 6
@@ -41,22 +41,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class DiskFull(ApplianceError):
     def __init__(self, message: str):
         super().__init__(message, ExitCode.TRANSIENT)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(HASH_CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _human(size: float) -> str:
@@ -117,7 +101,7 @@ class ModelStore:
         if current is not None and current.name != model.name:
             self._point("previous", current)
         self._point("active", model)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         return model
 
     def rollback(self) -> Path:
@@ -152,7 +136,7 @@ class ModelStore:
                 self._download(source, staging, expected)
             else:
                 self._copy(Path(source), staging)
-            actual = _sha256_of(staging)
+            actual = sha256_of_file(staging)
             if expected and actual != expected:
                 raise ModelFileError(
                     f"checksum mismatch for {source}: expected {expected}, got {actual}; the "
@@ -168,7 +152,7 @@ class ModelStore:
             os.fsync(handle.fileno())
         final = self.directory / f"{actual}.gguf"
         os.replace(staging, final)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         record = {"sha256": actual, "source": source, "installed_at": now_iso(),
                   "verified": "sha256" if expected else "trusted (no checksum given)"}
         write_atomically(self.directory / f"{actual}.json", json.dumps(record, indent=2).encode())

@@ -174,3 +174,10 @@ def test_a_disk_that_fills_up_mid_download_leaves_nothing(small_disk, serve):
     with pytest.raises(DiskFull, match="filled up"):
         store.install(serve.url, SMOLLM2_SHA256)
     assert not list(store.directory.rglob("*.part")) and store.active() is None
+
+
+def test_the_tensor_table_accounts_for_every_byte_of_real_models(model_path, other_model):
+    from appliance.gguf import required_size
+
+    for path in (model_path, other_model[0]):  # Q4_1, and Q4_K_M with Q6_K/F32 tensors
+        assert required_size(path) == path.stat().st_size
