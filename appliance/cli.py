@@ -85,10 +85,13 @@ def _health(args: argparse.Namespace) -> int:
 
 def _hw(args: argparse.Namespace) -> int:
     from .detect import detect, format_report
+    from .profiles import match
 
     directories = {"state": args.state_dir, "models": args.model_dir}
     report = detect(args.root, directories)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    report["profile"] = match(report).key
+    print(json.dumps(report, indent=2) if args.json else
+          f"{format_report(report)}\nprofile  {report['profile']}")
     return ExitCode.OK
 
 

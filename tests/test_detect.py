@@ -9,6 +9,7 @@ import pytest
 
 from appliance.cli import main
 from appliance.detect import board_memory_bytes, detect
+from appliance.profiles import load_profiles, match
 
 A76 = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc "
        "dcpop asimddp")
@@ -116,5 +117,33 @@ def test_hw_command_prints_a_summary_and_json(capsys, pi5_8gb, tmp_path):
     summary = capsys.readouterr().out
     assert "Raspberry Pi 5 Model B Rev 1.0 (revision d04170, 8.0 GiB)" in summary
     assert "Cortex-A76: " in summary and "asimddp" in summary and "nvme0n1" in summary
+    assert "profile  raspberry-pi-5-8gb" in summary
     assert main(["hw", "--root", str(pi5_8gb), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cpu"]["model"] == "Cortex-A76"
+
+
+def test_every_profile_loads_with_its_facts():
+    profiles = load_profiles()
+    pi5 = profiles["raspberry-pi-5-16gb"]
+    assert (pi5.cpu, pi5.cores, pi5.memory_bytes) == ("Cortex-A76", 4, 16 * GIB)
+    assert pi5.theoretical_bandwidth_bytes_per_s == 17.07e9
+    assert "asimddp" in pi5.features and "i8mm" not in pi5.features
+    assert profiles["raspberry-pi-cm5-8gb"].expected_bandwidth_bytes_per_s == 14.0e9
+    assert "asimddp" not in profiles["raspberry-pi-4-4gb"].features
+    assert profiles["generic-x86_64"].expected_bandwidth_bytes_per_s is None  # must be measured
+    assert all(profile.source for profile in profiles.values())
+
+
+@pytest.mark.parametrize(("board", "profile"), [
+    ("pi5_8gb", "raspberry-pi-5-8gb"), ("pi5_16gb", "raspberry-pi-5-16gb"),
+    ("pi4", "raspberry-pi-4-4gb"),
+])
+def test_a_detected_board_matches_its_profile(request, board, profile):
+    report = detect(request.getfixturevalue(board))
+    assert match(report).key == profile
+
+
+def test_an_unknown_machine_gets_the_generic_profile_of_its_architecture(tmp_path):
+    report = detect(tmp_path)
+    assert match(report, architecture="x86_64").key == "generic-x86_64"
+    assert match(report, architecture="aarch64").key == "generic-arm64"
