@@ -129,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
     hw.set_defaults(handler=_hw)
 
-    from . import benchcmd, modelcmd
+    from . import benchcmd, modelcmd, plancmd
 
     benchcmd.add_commands(commands)
     modelcmd.add_commands(commands)
+    plancmd.add_commands(commands)
     return parser
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from .exitcodes import ApplianceError, ExitCode, ModelFileError
 from .modelfile import quantization_name, read_gguf_header, verify_sha256
+from .models import catalog_id_of
 from .settings import LimitsSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ class Engine:
         self._chat_formatter = self._make_chat_formatter(llama)
         file_type = llama.metadata.get("general.file_type")
         return ModelFacts(
-            id=settings.model_id,
+            # A model from the store is named by its catalog id, which follows a fallback.
+            id=settings.id or catalog_id_of(path) or settings.model_id,
             path=str(path),
             sha256=sha256,
             size_bytes=path.stat().st_size,

@@ -17,8 +17,8 @@ from .settings import Settings
 bp = Blueprint("ops", __name__)
 
 
-def read_verification(path: Path) -> dict[str, Any] | None:
-    """The verifier's last result, or None when there is none (or it is unreadable)."""
+def read_state_file(path: Path) -> dict[str, Any] | None:
+    """A JSON state file (the verdict, the fallback history), or None if absent or unreadable."""
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -74,7 +74,7 @@ def health() -> tuple[Response, int]:
     engine: Engine = current_app.extensions["appliance.engine"]
     settings: Settings = current_app.extensions["appliance.settings"]
     instance_id = current_app.extensions["appliance.instance_id"]
-    verification = read_verification(settings.verify_state_file)
+    verification = read_state_file(settings.verify_state_file)
     status, reason = service_status(engine, settings, instance_id, verification)
     body: dict[str, Any] = {
         "status": status,
@@ -89,6 +89,8 @@ def health() -> tuple[Response, int]:
                    "heartbeat_age_seconds": round(engine.heartbeat_age(), 3),
                    "stall_seconds": settings.limits.stall_seconds},
         "verification": _summary(verification),
+        "model_policy": {"policy": settings.model.policy,
+                         "fallback": read_state_file(settings.fallback_state_file)},
         "board": board_facts(settings.paths.hardware_root),
     }
     if engine.failure is not None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .catalog import load_catalog
 from .exitcodes import ExitCode
 from .models import ModelStore
 
@@ -20,8 +21,15 @@ def _store(args: argparse.Namespace) -> ModelStore:
 
 
 def _install(args: argparse.Namespace) -> int:
-    model = _store(args).install(args.source, args.sha256, trust=args.trust_unverified,
-                                 activate=not args.no_activate)
+    store = _store(args)
+    catalog = load_catalog()
+    if args.source in catalog:
+        model = store.install_variant(catalog[args.source], sha256=args.sha256,
+                                      trust=args.trust_unverified, activate=not args.no_activate,
+                                      mirror=args.mirror)
+    else:
+        model = store.install(args.source, args.sha256, trust=args.trust_unverified,
+                              activate=not args.no_activate)
     print(model)
     return ExitCode.OK
 
@@ -53,7 +61,10 @@ def add_commands(commands: Any) -> None:
                        help=f"the model store (default {DEFAULT_MODELS_DIR})")
     actions = model.add_subparsers(dest="model_command", required=True)
     install = actions.add_parser("install", help="download or copy, verify, activate")
-    install.add_argument("source", help="an https:// (or http:// with --sha256) URL, or a file")
+    install.add_argument("source", help="a catalog id (see `pi-appliance plan`), an https:// "
+                         "(or http:// with --sha256) URL, or a file")
+    install.add_argument("--mirror", help="for a catalog id: a LAN mirror's base URL that "
+                         "serves the same file name (checked against the same sha256)")
     install.add_argument("--sha256", help="the expected checksum (required unless trusted)")
     install.add_argument("--trust-unverified", action="store_true",
                          help="accept a file without a checksum (recorded as trusted)")

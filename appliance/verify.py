@@ -22,7 +22,8 @@ from .auth import read_api_key
 from .bench import VERIFICATION_HEADER, BenchSpec, Endpoint, ThroughService, bench
 from .conditions import now_iso
 from .exitcodes import ApplianceError, ExitCode
-from .health import read_verification
+from .fallback import fall_back
+from .health import read_state_file
 from .modelfile import write_atomically
 from .settings import Settings
 
@@ -103,7 +104,7 @@ def verify(settings: Settings,
     health: dict[str, Any] = {}
     try:
         health = wait_until_loaded(url, config.wait_seconds)
-        previous = read_verification(settings.verify_state_file)
+        previous = read_state_file(settings.verify_state_file)
         recheck = previous is not None and previous.get("instance_id") == health["instance_id"]
         if recheck and (health["engine"]["busy"] or health["engine"]["queue_depth"]):
             progress("the service is serving users; re-check skipped until it is idle")
@@ -128,4 +129,8 @@ def verify(settings: Settings,
     result["timestamp"] = now_iso()
     write_result(settings.verify_state_file, result)
     progress(f"verification {result['result']}: {result['reason']}")
+    steps = fall_back(settings, result, progress)
+    if steps is not None:
+        result["fallback"] = steps
+        write_result(settings.verify_state_file, result)
     return result

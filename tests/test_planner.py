@@ -1,0 +1,181 @@
+"""`pi-appliance plan`: the budget, the bandwidth model against published figures, the choice for
+each board, and an explanation for every variant not chosen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.catalog import load_catalog
+from appliance.cli import main
+from appliance.planner import (
+    OS_RESERVE_BYTES,
+    RUNTIME_OVERHEAD_BYTES,
+    PlanRequest,
+    budget_for,
+    calibrate,
+    device_from_profile,
+    plan,
+)
+from appliance.profiles import load_profiles
+from appliance.roofline import save_bandwidth
+from tests.conftest import GIB
+
+QWEN_30B = "qwen3-30b-a3b-2507-q3_k_s-2.70bpw"
+LLAMA_1B = "llama-3.2-1b-instruct-q4_k_m"
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog()
+
+
+@pytest.fixture(scope="module")
+def calibration(catalog):
+    return calibrate(catalog, load_profiles())
+
+
+def plan_for(profile: str, calibration, **request):
+    device = device_from_profile(load_profiles()[profile])
+    return plan(device, PlanRequest(**request), calibration=calibration)
+
+
+def verdicts(result) -> dict[str, str]:
+    return {candidate.variant.id: candidate.verdict for candidate in result.candidates}
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = main(["plan", *args])
+    return code, capsys.readouterr().out
+
+
+def test_the_catalog_has_the_required_variants_with_their_checksums(catalog):
+    assert catalog[QWEN_30B].family.kind == "moe" and catalog[QWEN_30B].quality_percent == 94.18
+    assert catalog[QWEN_30B].file_bytes == pytest.approx(9.58 * GIB, rel=1e-3)
+    families = {variant.family.name for variant in catalog.values()}
+    assert {"Qwen3-4B-Instruct-2507", "Qwen3-0.6B", "Qwen3-1.7B", "Llama-3.2-1B-Instruct",
+            "Llama-3.2-3B-Instruct"} <= families
+    assert catalog["smollm2-135m-instruct-q4_1"].sha256.startswith("b179c952")
+    assert catalog["gemma-3-270m-q4_k_m"].sha256.startswith("a5fd3b62")
+    for variant in catalog.values():
+        assert variant.urls or variant.python_source, f"{variant.id} has no source"
+        assert variant.family.license
+
+
+def test_kv_cache_and_weights_read_per_token_follow_the_architecture(catalog):
+    qwen = catalog[QWEN_30B]
+    assert qwen.family.kv_bytes_per_token("f16") == 96 * 1024  # llm-on-pi5.md: 96 KiB/token
+    assert qwen.family.kv_bytes_per_token("q8_0") == 48 * 1024 * 34 / 32
+    # A token of the mixture of experts reads ~10 % of the file; of a dense model, all of it.
+    assert qwen.weight_bytes_per_token == pytest.approx(1.01e9, rel=0.01)
+    llama = catalog[LLAMA_1B]
+    assert llama.weight_bytes_per_token == llama.file_bytes
+
+
+def test_the_budget_is_ram_minus_reserve_kv_runtime_and_margin():
+    budget = budget_for(16 * GIB, kv_cache_bytes=402_653_184)
+    assert budget.weights_bytes == (16 * GIB - OS_RESERVE_BYTES - 402_653_184
+                                    - RUNTIME_OVERHEAD_BYTES - round(16 * GIB * 0.05))
+
+
+def test_the_bandwidth_model_reproduces_the_published_measurements(calibration):
+    errors = calibration.error_summary()
+    assert errors["all"]["points"] >= 10 and {"dense", "moe"} <= set(errors)
+    # The figures docs/planner.md states: a fit within 10 % of every published point, and
+    # within 10 % when each point is left out of the fit.
+    assert errors["all"]["max_abs_error"] < 0.10
+    assert errors["all"]["held_out_max_abs_error"] < 0.10
+    assert 0.4 < calibration.efficiency["moe"] < calibration.efficiency["dense"] < 1
+    # A fuller context is slower: the fit sees the 30B fall from 8.5 to 2.6 tok/s.
+    deep = [point for point in calibration.points if point.depth > 20_000]
+    assert deep and all(point.predicted_tps < 3 for point in deep)
+
+
+def test_a_pi5_16gb_fits_the_30b_which_reaches_8_only_at_an_empty_context(calibration):
+    empty = plan_for("raspberry-pi-5-16gb", calibration, depth=0)
+    assert empty.choice.variant.id == QWEN_30B and empty.choice.meets_target
+    assert verdicts(empty)["qwen3-30b-a3b-2507-q3_k_s-3.25bpw"].startswith("predicted 7.")
+
+    conversation = plan_for("raspberry-pi-5-16gb", calibration, depth=1024)
+    assert conversation.choice.variant.id == LLAMA_1B
+    assert verdicts(conversation)[QWEN_30B] == "predicted 7.2 tok/s < 7.60 (target 8)"
+    # A lower target brings the 30B back: fit first, then speed, then quality.
+    relaxed = plan_for("raspberry-pi-5-16gb", calibration, depth=1024, target_tps=7)
+    assert relaxed.choice.variant.id == QWEN_30B
+
+
+def test_a_pi5_8gb_cannot_hold_the_30b(calibration):
+    result = plan_for("raspberry-pi-5-8gb", calibration)
+    assert verdicts(result)[QWEN_30B] == "needs 10.29 GB, budget 6.61 GB"
+    assert result.choice.variant.id == LLAMA_1B
+    assert verdicts(result)["qwen3-4b-2507-q4_k_s-3.87bpw"].endswith("< 7.60 (target 8)")
+
+
+def test_a_pi5_4gb_and_2gb_plan_within_their_memory(calibration):
+    four = plan_for("raspberry-pi-5-4gb", calibration)
+    assert four.choice.variant.id == LLAMA_1B
+    assert verdicts(four)["qwen3-30b-a3b-2507-q3_k_s-3.25bpw"].startswith("needs 12.42 GB")
+    two = plan_for("raspberry-pi-5-2gb", calibration)
+    assert two.choice.variant.id == "gemma-3-270m-q4_k_m"
+    assert verdicts(two)[LLAMA_1B].startswith("needs 0.81 GB, budget 0.")
+    assert verdicts(two)["smollm2-135m-instruct-q4_1"].endswith(
+        "but lower quality than gemma-3-270m-q4_k_m")
+
+
+def test_when_nothing_meets_the_target_the_fastest_that_fits_is_flagged(capsys):
+    code, out = run(capsys, "--device", "raspberry-pi-5-8gb", "--target-tps", "200")
+    assert code == 1
+    assert "choice   smollm2-135m-instruct-q4_1  [BELOW TARGET]" in out
+    assert "chosen, BELOW TARGET: nothing that fits reaches 190.00 tok/s" in out
+
+
+def test_a_pi4_without_a_bandwidth_figure_is_told_to_measure_it(capsys, pi4, tmp_path):
+    code = main(["plan", "--device", "raspberry-pi-4-4gb"])
+    assert code == 78
+    assert "pi-appliance bench --bandwidth" in capsys.readouterr().err
+    # Measured on the device and stored, it is used: a Pi 4 detected from its fixture files.
+    save_bandwidth(tmp_path, 4.0e9, 4)
+    code, out = run(capsys, "--root", str(pi4), "--state-dir", str(tmp_path))
+    assert "4.0 GB/s (measured on this device" in out
+    assert "Raspberry Pi 4 Model B Rev 1.4 (detected, profile raspberry-pi-4-4gb)" in out
+    assert "qwen3-4b-2507-q4_k_s-3.87bpw" in out and "needs" in out
+
+
+def test_a_detected_pi5_plans_with_its_cgroup_limit(capsys, pi5_16gb):
+    code, out = run(capsys, "--root", str(pi5_16gb), "--json", "--depth", "0")
+    result = json.loads(out)
+    assert result["device"]["memory_bytes"] == 12 * GIB  # MemoryMax=, not the board's 16
+    assert result["choice"] == QWEN_30B and code == 0
+    assert result["budget"]["kv_cache_bytes"] == 96 * 1024 * 4096
+
+
+def test_one_model_is_predicted_and_checked_on_its_own(capsys):
+    code, out = run(capsys, "--device", "raspberry-pi-5-16gb", "--model", QWEN_30B, "--json",
+                    "--depth", "0", "--context", "8192")
+    result = json.loads(out)
+    [candidate] = result["candidates"]
+    assert candidate["fits_memory"] and candidate["meets_target"] and code == 0
+    assert candidate["memory_bytes"] == 10_286_446_674 + 96 * 1024 * 8192
+    assert 7.6 < candidate["predicted_tokens_per_second"] < 9
+    assert main(["plan", "--device", "raspberry-pi-5-16gb", "--model", "gpt-5"]) == 78
+    assert "not in the model catalog" in capsys.readouterr().err
+
+
+def test_unknown_devices_are_refused_with_the_list(capsys):
+    assert main(["plan", "--device", "raspberry-pi-6"]) == 78
+    assert "raspberry-pi-5-16gb" in capsys.readouterr().err
+
+
+def test_the_calibration_table_names_its_sources(capsys):
+    code, out = run(capsys, "--calibration")
+    assert code == 0 and "geerlingguy/ai-benchmarks#47" in out and "held out" in out
+
+
+def test_the_plot_is_a_png(capsys, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "plan.png"
+    code, _ = run(capsys, "--device", "raspberry-pi-5-16gb", "--plot", str(target))
+    assert code == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 20_000
