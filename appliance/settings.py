@@ -47,10 +47,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def credential_api_key() -> Path | None:
+    """The key systemd passes as the unit's `api-key` credential (LoadCredential=), so that the
+    configuration file needs no path, and the same file serves the service and its verifier."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    key = Path(directory) / "api-key" if directory else None
+    return key if key is not None and key.is_file() else None
+
+
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
-    api_key_file: Path | None = Field(default=None, validate_default=True)
+    # Unset: the unit's api-key credential when there is one.
+    api_key_file: Path | None = Field(default_factory=credential_api_key, validate_default=True)
     # Host-header allow-list against DNS rebinding. None: loopback names when bound to
     # loopback, the bind address otherwise; an empty list switches the check off.
     trusted_hosts: list[str] | None = None

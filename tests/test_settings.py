@@ -11,7 +11,7 @@ import pytest
 
 from appliance.exitcodes import ConfigError, ExitCode
 from appliance.hardware import physical_core_count
-from appliance.settings import load_settings
+from appliance.settings import load_settings, validate
 
 
 def config_check(path: Path) -> subprocess.CompletedProcess:
@@ -99,3 +99,14 @@ def test_physical_cores_ignore_smt_siblings(tmp_path):
     cpus = len(os.sched_getaffinity(0))
     assert physical_core_count(tmp_path) == len({cpu // 2 for cpu in os.sched_getaffinity(0)})
     assert physical_core_count(tmp_path) <= cpus
+
+
+def test_the_api_key_comes_from_the_units_credential_when_the_file_names_none(
+        tmp_path, monkeypatch):
+    (tmp_path / "api-key").write_text("k" * 32)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    settings = validate({"server": {"host": "0.0.0.0"}, "model": {"path": "m.gguf"}}, "test")
+    assert settings.server.api_key_file == tmp_path / "api-key"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="server.api_key_file.*not a loopback address"):
+        validate({"server": {"host": "0.0.0.0"}, "model": {"path": "m.gguf"}}, "test")

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import board, disk, isa, llamacpp
+from . import artifacts, board, disk, isa, llamacpp
 from .host import HostError, require_commands, require_root
 from .instance import SSH_USER, Instance, Options, instances
 
@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("args", nargs=argparse.REMAINDER)
 
     commands.add_parser("build-llama-cpp", help="cross-build llama.cpp for the Cortex-A76")
+    commands.add_parser(
+        "build-artifacts",
+        help="what provisioning installs on every Pi 5 (llama.cpp, a wheelhouse); prints JSON")
     return parser
 
 
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if result.returncode == 0 else 1
         elif args.command == "build-llama-cpp":
             print(llamacpp.ensure_build())
+        elif args.command == "build-artifacts":
+            print(json.dumps(artifacts.build(), indent=2))
     except HostError as error:
         print(f"virtual-pi: error: {error}", file=sys.stderr)
         return EXIT_HOST_ERROR

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import board as boards
-from . import disk, network, rootfs
+from . import disk, network, proxy, rootfs
 from .host import HostError, preflight, run, state_dir
 
 MAX_SLOT = 250
@@ -61,6 +61,8 @@ class Instance:
         self.name = f"vpi{slot}"
         self.dir = state_dir() / self.name
         self.address = network.pi_address(slot)
+        # The Pi's HTTP proxy to the outside (see proxy.py).
+        self.proxy_address = f"{network.host_address(slot)}:{proxy.PORT}"
 
     # Paths -------------------------------------------------------------------------------
     @property
@@ -176,6 +178,7 @@ class Instance:
                     f"{self.name} is running as {running_as[0]} with NVMe {running_as[1]}, not "
                     f"{options.board} with NVMe {options.nvme}: add --fresh to recreate it"
                 )
+            proxy.start(self.proxy_address, self.dir)  # restarted: it may have been killed
             return self.status()
         self._down()
         base = rootfs.ensure_base()
@@ -188,6 +191,7 @@ class Instance:
             self._personalise(options)
             loop_device = self._attach_nvme(options)
             network.create(self.name, self.slot)
+            proxy.start(self.proxy_address, self.dir)
             pid = self._spawn(options, loop_device)
             self._runtime_file.write_text(json.dumps({
                 "pid": pid, "board": options.board, "nvme": options.nvme,
@@ -353,6 +357,7 @@ class Instance:
             _signal(leftover, signal.SIGKILL)
         self._unmount_root()
         disk.detach(self.nvme_image)
+        proxy.stop(self.proxy_address, self.dir)
         network.remove(self.name)
         self._runtime_file.unlink(missing_ok=True)
 

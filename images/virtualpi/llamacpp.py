@@ -88,7 +88,7 @@ def build_dir(version: str, target: Target = CORTEX_A76) -> Path:
     return cache_dir() / "llama.cpp" / f"{target.name}-{version}-{digest[:12]}"
 
 
-def _sdist(version: str) -> Path:
+def sdist(version: str) -> Path:
     """The llama-cpp-python sdist from the package index, checked against its pinned sha256."""
     if version not in SDIST_SHA256:
         raise HostError(
@@ -134,7 +134,7 @@ def _build(version: str, prefix: Path, target: Target) -> None:
     work.mkdir(parents=True)
     print(f"virtual-pi: building llama.cpp (llama-cpp-python {version}) for {target.name}; "
           "several minutes the first time", file=sys.stderr, flush=True)
-    with tarfile.open(_sdist(version)) as archive:
+    with tarfile.open(sdist(version)) as archive:
         archive.extractall(work, filter="data")
     source = next(work.glob("*/vendor/llama.cpp"), None)
     if source is None:
