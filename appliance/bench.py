@@ -153,7 +153,7 @@ class Endpoint:
     """An OpenAI-compatible server's /v1/completions, streaming."""
 
     url: str
-    api_key: str | None = None
+    api_key: bytes | None = None  # as read_api_key() returns it
     headers: dict[str, str] = field(default_factory=dict)
     extra_body: dict[str, Any] = field(default_factory=lambda: {"ignore_eos": True})
     timeout: float = 600.0
@@ -170,7 +170,7 @@ class Endpoint:
                 "stream_options": {"include_usage": True}, **self.extra_body}
         headers = {"Content-Type": "application/json", **self.headers}
         if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+            headers["Authorization"] = f"Bearer {self.api_key.decode()}"
         try:
             started = time.perf_counter()
             connection.request("POST", parts.path.rstrip("/") + "/v1/completions",

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .catalog import load_catalog
+from .catalog import get_variant, load_catalog
 from .exitcodes import ExitCode
-from .models import ModelStore
+from .models import ModelStore, packaged_file
 
 DEFAULT_MODELS_DIR = Path("/var/lib/pi-llm-appliance/models")
 
@@ -29,7 +29,8 @@ def _install(args: argparse.Namespace) -> int:
                                       mirror=args.mirror)
     else:
         model = store.install(args.source, args.sha256, trust=args.trust_unverified,
-                              activate=not args.no_activate)
+                              activate=not args.no_activate,
+                              catalog_id=args.catalog_id and get_variant(args.catalog_id).id)
     print(model)
     return ExitCode.OK
 
@@ -42,6 +43,16 @@ def _list(args: argparse.Namespace) -> int:
         marker = "active  " if entry["active"] else "previous" if entry["previous"] else "        "
         print(f"{marker} {entry['sha256'][:16]}  {entry['size_bytes'] / 1e6:9.1f} MB  "
               f"{entry.get('verified', '?'):<10.10}  {entry.get('source', '?')}")
+    return ExitCode.OK
+
+
+def _locate(args: argparse.Namespace) -> int:
+    path = packaged_file(get_variant(args.catalog_id))
+    if path is None:
+        print(f"pi-appliance: {args.catalog_id} is not shipped as a file by an installed Python "
+              "package", file=sys.stderr)
+        return ExitCode.NOT_OK
+    print(path)
     return ExitCode.OK
 
 
@@ -69,10 +80,17 @@ def add_commands(commands: Any) -> None:
     install.add_argument("--trust-unverified", action="store_true",
                          help="accept a file without a checksum (recorded as trusted)")
     install.add_argument("--no-activate", action="store_true", help="install only")
+    install.add_argument("--catalog-id", help="for a file or URL: the catalog variant it is "
+                         "(recorded; /health and the fallback name the model by it)")
     install.set_defaults(handler=_install)
     listing = actions.add_parser("list", help="installed models; which is active")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_list)
+    locate = actions.add_parser(
+        "locate", help="the file an installed Python package ships for a catalog id (for copying "
+        "to an air-gapped Pi)")
+    locate.add_argument("catalog_id")
+    locate.set_defaults(handler=_locate)
     activate = actions.add_parser("activate", help="make an installed model the active one")
     activate.add_argument("sha256", help="its sha256 (a unique prefix will do)")
     activate.set_defaults(handler=_activate)

@@ -85,6 +85,12 @@ def catalog_id_of(path: Path) -> str | None:
         return None
 
 
+def packaged_file(variant: Variant) -> Path | None:
+    """The GGUF file an installed Python package ships as is for `variant`, if any."""
+    packaged = _python_package_file(variant)
+    return packaged.path if packaged is not None and packaged.file_name else None
+
+
 class ModelStore:
     def __init__(self, directory: Path, progress: Progress = lambda message: None):
         self.directory = directory

@@ -213,7 +213,8 @@ class Candidate:
         variant = self.variant
         return {"id": variant.id, "family": variant.family.name, "kind": variant.family.kind,
                 "quantization": variant.quantization, "bits_per_weight": variant.bits_per_weight,
-                "file_bytes": variant.file_bytes, "quality_percent": variant.quality_percent,
+                "file_bytes": variant.file_bytes, "sha256": variant.sha256,
+                "quality_percent": variant.quality_percent,
                 "memory_bytes": self.memory_bytes,
                 "predicted_tokens_per_second": round(self.predicted_tps, 2),
                 "fits_memory": self.fits_memory, "fits_storage": self.fits_storage,

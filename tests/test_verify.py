@@ -321,3 +321,20 @@ def test_fallback_attempts_are_bounded_and_a_manual_choice_starts_afresh(
     store.activate(SMOLLM2_SHA256)
     assert fall_back(settings, verdict, lambda message: None)["stopped"].startswith(
         "no variant faster than smollm2")
+
+
+@pytest.mark.slow
+def test_a_service_behind_an_api_key_is_verified_with_that_key(start_server, tmp_path,
+                                                               monkeypatch):
+    # As under systemd: the key is the unit's credential, named by no path in the config.
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "api-key").write_text("k" * 40 + "\n")
+    (credentials / "api-key").chmod(0o600)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    server = start_server(verify={**QUICK_VERIFY, "target_tps": 0.5})
+    wait_for_status(server, "verifying")
+    assert http_json(server.url + "/v1/models")[0] == 401  # the key is really required
+    verified = verify_cli(server)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["result"] == "pass"

@@ -16,6 +16,31 @@ from .instance import SSH_USER, Instance, Options, instances
 EXIT_HOST_ERROR = 2
 
 
+# What sets a virtual Pi apart from a real one, for the playbook (see inventory/README.md).
+VIRTUAL_PI_VARS = """\
+      vars:
+        # Under emulation generation is ~50x slower than on a real Pi 5: an honest low target and
+        # a short verification. The mechanism is what is tested, not the speed.
+        service_context: 2048
+        service_verify_target_tps: 1.0
+        service_verify_depth: 64
+        service_verify_n_prompt: 16
+        service_verify_n_gen: 16
+        service_verify_repetitions: 2
+        # systemd under qemu-user cannot set up credentials or user namespaces.
+        service_under_emulation: true
+        # No internet but the proxy, no Hugging Face: the small real model, from this machine.
+        model_selection: pinned
+        model_id: smollm2-135m-instruct-q4_1
+        model_source: controller
+        model_controller_path: "{{ lookup('ansible.builtin.pipe', (ansible_playbook_python | dirname)
+          ~ '/pi-appliance model locate smollm2-135m-instruct-q4_1') }}"
+        model_plan_context: 2048
+        model_plan_depth: 64
+        model_plan_target_tps: 1.0
+"""
+
+
 def inventory(slots: list[int]) -> str:
     """An Ansible inventory (YAML) putting the given instances in the `appliances` group."""
     lines = [
@@ -23,6 +48,7 @@ def inventory(slots: list[int]) -> str:
         "all:",
         "  children:",
         "    appliances:",
+        VIRTUAL_PI_VARS.rstrip("\n"),
         "      hosts:",
     ]
     for slot in slots:
@@ -36,6 +62,7 @@ def inventory(slots: list[int]) -> str:
             f"            -o UserKnownHostsFile={instance.known_hosts}",
             "            -o StrictHostKeyChecking=yes",
             "          ansible_python_interpreter: /usr/bin/python3",
+            f"          appliance_http_proxy: http://{instance.proxy_address}",
         ]
     return "\n".join(lines) + "\n"
 

@@ -66,11 +66,8 @@ TARGETS = ["llama-bench", "llama-server", "llama-cli"]
 
 # Prints llama.cpp's system-info line ("CPU : NEON = 1 | ARM_FMA = 1 | ... | DOTPROD = 1 | ...");
 # none of the tools prints it without loading a model.
-SYSTEM_INFO_SOURCE = """\
-#include <stdio.h>
-const char *llama_print_system_info(void);
-int main(void) { puts(llama_print_system_info()); return 0; }
-"""
+# One source for the cross build here and the llama_cpp role's on-device build.
+SYSTEM_INFO_SOURCE = (REPOSITORY / "roles/llama_cpp/files/llama-system-info.c").read_text()
 
 
 def pinned_version() -> str:
