@@ -1,22 +1,29 @@
-# Set-up, the demo, tests and lint. Everything lives in .venv; pip's wheel cache keeps
+# Set-up, provisioning the virtual Pi, the local demo, tests and lint. Everything lives in .venv; pip's wheel cache keeps
 # llama-cpp-python (an ~8 minute build) from being rebuilt once it has been built once.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint clean virtual-pi virtual-pi-ssh virtual-pi-down
+.PHONY: setup run demo test lint clean virtual-pi virtual-pi-ssh virtual-pi-down
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,control]'
 	touch $@
 
-## run: serve the bundled small model on localhost and show a completion
+## run: boot the virtual Pi 5, provision it with `ansible-playbook site.yml`, show its health
 run: setup
+	$(PY) images/virtual-pi up
+	$(PY) images/virtual-pi inventory 0 > inventory/virtual-pi.yml
+	$(VENV)/bin/ansible-playbook site.yml -i inventory/virtual-pi.yml
+	$(PY) images/virtual-pi ssh -- /opt/pi-llm-appliance/venv/bin/pi-appliance health
+
+## demo: serve the bundled small model on this machine (no Pi) and show a completion
+demo: setup
 	$(VENV)/bin/python scripts/demo.py
 
 test: setup

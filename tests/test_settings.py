@@ -108,5 +108,5 @@ def test_the_api_key_comes_from_the_units_credential_when_the_file_names_none(
     settings = validate({"server": {"host": "0.0.0.0"}, "model": {"path": "m.gguf"}}, "test")
     assert settings.server.api_key_file == tmp_path / "api-key"
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "none"))
-    with pytest.raises(ConfigError, match="server.api_key_file.*not a loopback address"):
+    with pytest.raises(ConfigError, match=r"server\.api_key_file.*not a loopback address"):
         validate({"server": {"host": "0.0.0.0"}, "model": {"path": "m.gguf"}}, "test")

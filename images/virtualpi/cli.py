@@ -33,8 +33,9 @@ VIRTUAL_PI_VARS = """\
         model_selection: pinned
         model_id: smollm2-135m-instruct-q4_1
         model_source: controller
-        model_controller_path: "{{ lookup('ansible.builtin.pipe', (ansible_playbook_python | dirname)
-          ~ '/pi-appliance model locate smollm2-135m-instruct-q4_1') }}"
+        model_controller_path: >-
+          {{ lookup('ansible.builtin.pipe', (ansible_playbook_python | dirname)
+          ~ '/pi-appliance model locate smollm2-135m-instruct-q4_1') }}
         model_plan_context: 2048
         model_plan_depth: 64
         model_plan_target_tps: 1.0

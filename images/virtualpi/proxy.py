@@ -17,7 +17,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -110,15 +109,20 @@ def _pid_file(state: Path) -> Path:
 
 
 def start(listen: str, state: Path) -> int:
-    """Start the proxy for one instance (detached; its log is `<state>/proxy.log`)."""
+    """Start the proxy for one instance, detached (its log is `<state>/proxy.log`)."""
     stop(listen, state)
-    with (state / "proxy.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "virtualpi.proxy", "--listen", listen],
-            cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=log, start_new_session=True)
-    _pid_file(state).write_text(f"{process.pid}\n")
-    return process.pid
+    log = str(state / "proxy.log")
+    # posix_spawn, not Popen: the proxy outlives this process, which never waits for it.
+    pid = os.posix_spawn(
+        sys.executable, [sys.executable, "-m", "virtualpi.proxy", "--listen", listen],
+        {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                      (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                       0o600),
+                      (os.POSIX_SPAWN_DUP2, 1, 2)],
+        setsid=True)
+    _pid_file(state).write_text(f"{pid}\n")
+    return pid
 
 
 def stop(listen: str, state: Path) -> None:
