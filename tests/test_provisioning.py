@@ -177,6 +177,15 @@ def test_health_says_ok_with_the_verification_passed_at_the_virtual_pis_target(p
 
 
 @pytest.mark.virtual_pi
+def test_a_rolling_upgrade_is_gated_by_verification(pi):
+    result = ansible_playbook(pi.inventory, "playbooks/upgrade.yml")
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert recap(result.stdout, pi.name)["changed"] == 0  # nothing new to roll out
+    assert "Verify before the next batch" in result.stdout
+    assert "TASK [verify : Fail a host below target]" in result.stdout
+
+
+@pytest.mark.virtual_pi
 def test_a_bad_inventory_variable_fails_preflight_and_changes_nothing(pi):
     before = health(pi)["instance_id"]
     result = ansible_playbook(pi.inventory, "site.yml", "--tags", "service",
