@@ -70,6 +70,10 @@ def fall_back(settings: Settings, verdict: dict[str, Any], progress) -> dict[str
         return _save(settings, record | {"stopped": reason, "at": now_iso(), "active_sha256":
                                          active.name.removesuffix(".gguf") if active else None})
 
+    conditions = verdict.get("report", {}).get("conditions", {})
+    if not conditions.get("valid", True):
+        return stop(f"this measurement is not valid ({conditions.get('invalid_reason')}): the "
+                    "model is not switched on it; the next verification decides")
     if len(record["attempts"]) >= settings.model.fallback_attempts:
         return stop(f"all {settings.model.fallback_attempts} fallback attempts are used; "
                     "the model stays as it is")

@@ -47,8 +47,9 @@ class DiskFull(ApplianceError):
         super().__init__(message, ExitCode.TRANSIENT)
 
 
-def _human(size: float) -> str:
-    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
+def human_bytes(size: float) -> str:
+    """GB from 0.1 GB up, so that model sizes and memory budgets compare in one unit."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,11 @@ class ModelStore:
 
     # Installing --------------------------------------------------------------------------
     def installable(self, variant: Variant) -> bool:
-        """Installed already, or installable without a person: a pinned checksum and a source."""
+        """Installed already, or installable without a person or a network (the verifier that
+        falls back may reach only localhost): a pinned checksum and an installed package."""
         if variant.sha256 and (self.directory / f"{variant.sha256}.gguf").exists():
             return True
-        return bool(variant.sha256 and (variant.urls or _python_package_file(variant)))
+        return bool(variant.sha256 and _python_package_file(variant))
 
     def install_variant(self, variant: Variant, *, sha256: str | None = None, trust: bool = False,
                         activate: bool = True, mirror: str | None = None) -> Path:
@@ -240,7 +242,7 @@ class ModelStore:
         if catalog_id:
             record["catalog_id"] = catalog_id
         write_atomically(self.directory / f"{actual}.json", json.dumps(record, indent=2).encode())
-        self.progress(f"installed {final.name} ({_human(final.stat().st_size)})")
+        self.progress(f"installed {final.name} ({human_bytes(final.stat().st_size)})")
         return self.activate(actual) if activate else final
 
     def _check_space(self, needed: int) -> None:
@@ -248,7 +250,8 @@ class ModelStore:
         free = stats.f_bavail * stats.f_frsize
         if needed > free:
             raise DiskFull(f"not enough space in {self.directory}: the model needs "
-                           f"{_human(needed)} more, {_human(free)} is free; nothing was written")
+                           f"{human_bytes(needed)} more, {human_bytes(free)} is free; "
+                           "nothing was written")
 
     def _write(self, source: Any, target: Any, done: int, total: int | None, started: float,
                label: str) -> int:
@@ -268,9 +271,9 @@ class ModelStore:
                 last_report = now
                 rate = done / max(now - started, 1e-9)
                 eta = f", {(total - done) / rate:.0f} s left" if total and rate else ""
-                self.progress(f"{label}: {_human(done)}"
-                              + (f" of {_human(total)}" if total else "")
-                              + f" at {_human(rate)}/s{eta}")
+                self.progress(f"{label}: {human_bytes(done)}"
+                              + (f" of {human_bytes(total)}" if total else "")
+                              + f" at {human_bytes(rate)}/s{eta}")
         return done
 
     def _copy(self, source: Path, staging: Path) -> None:
@@ -315,5 +318,5 @@ class ModelStore:
                         f"{url}: the transfer failed {attempt} times ({reason}); run the same "
                         "command again to resume") from None
                 kept = staging.stat().st_size if staging.exists() else 0
-                self.progress(f"connection lost ({reason}); resuming at {_human(kept)}")
+                self.progress(f"connection lost ({reason}); resuming at {human_bytes(kept)}")
                 time.sleep(min(2 ** attempt, 30) * 0.1)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .catalog import KV_ELEMENT_BYTES, get_variant, load_catalog
 from .exitcodes import ApplianceError, ExitCode
+from .models import human_bytes
 from .planner import (
     Calibration,
     Candidate,
@@ -19,14 +23,10 @@ from .planner import (
     calibrate,
     device_from_detection,
     device_from_profile,
-    gb,
     plan,
 )
 from .profiles import load_profiles
-from .settings import VerifySettings
-
-DEFAULT_STATE_DIR = Path("/var/lib/pi-llm-appliance")
-DEFAULT_CONTEXT = 4096
+from .settings import ModelSettings, PathSettings, VerifySettings
 
 
 def _percent(value: float) -> str:
@@ -57,17 +57,19 @@ def format_calibration(calibration: Calibration) -> str:
 
 def _budget_line(result: Plan, candidate: Candidate) -> str:
     budget = result.budget(candidate.variant)
-    return (f"RAM {gb(budget.ram_bytes)} − OS {gb(budget.os_reserve_bytes)} − KV cache "
-            f"{gb(budget.kv_cache_bytes)} − runtime {gb(budget.runtime_overhead_bytes)} − margin "
-            f"{gb(budget.safety_margin_bytes)} = {gb(budget.weights_bytes)} for the weights")
+    parts = [("RAM", budget.ram_bytes), ("OS", budget.os_reserve_bytes),
+             ("KV cache", budget.kv_cache_bytes), ("runtime", budget.runtime_overhead_bytes),
+             ("margin", budget.safety_margin_bytes)]
+    terms = " − ".join(f"{name} {human_bytes(size)}" for name, size in parts)
+    return f"{terms} = {human_bytes(budget.weights_bytes)} for the weights"
 
 
 def format_plan(result: Plan) -> str:
     device, request = result.device, result.request
     lines = [
-        f"device   {device.name}: {gb(device.memory_bytes)} RAM, "
+        f"device   {device.name}: {human_bytes(device.memory_bytes)} RAM, "
         f"{device.bandwidth_bytes_per_s / 1e9:.1f} GB/s ({device.bandwidth_source})"
-        + (f", {gb(device.free_storage_bytes)} free for models"
+        + (f", {human_bytes(device.free_storage_bytes)} free for models"
            if device.free_storage_bytes is not None else ""),
         f"request  context {request.context} tokens ({request.kv_type} KV cache); speed at "
         f"depth {min(request.depth, request.context)}; target {request.target_tps:g} tok/s "
@@ -86,7 +88,8 @@ def format_plan(result: Plan) -> str:
         variant = candidate.variant
         quality = f"{variant.quality_percent:.1f}%" if variant.quality_percent else "-"
         lines.append(f"{variant.id:<36} {variant.quantization.split()[0]:<14} "
-                     f"{gb(variant.file_bytes):>8} {gb(candidate.memory_bytes):>8} "
+                     f"{human_bytes(variant.file_bytes):>8} "
+                     f"{human_bytes(candidate.memory_bytes):>8} "
                      f"{candidate.predicted_tps:>6.1f} {quality:>7}  {candidate.verdict}")
     return "\n".join(lines)
 
@@ -188,6 +191,19 @@ def plan_as_dict_calibration(calibration: Calibration) -> dict[str, Any]:
                        for point in calibration.points]}
 
 
+def _bounded_as(section: type[BaseModel], name: str) -> Callable[[str], Any]:
+    """An option held to the bounds of the setting it stands for (verify.tolerance, ...)."""
+    field = section.model_fields[name]
+    adapter = TypeAdapter(Annotated[field.annotation, *field.metadata])
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as error:
+            raise argparse.ArgumentTypeError(f"{text!r}: {error.errors()[0]['msg']}") from None
+    return parse
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -199,20 +215,24 @@ def _positive(text: str) -> float:
 
 
 def add_commands(commands: Any) -> None:
-    defaults = VerifySettings()
+    defaults, paths = VerifySettings(), PathSettings()
+    default_context = ModelSettings.model_fields["context"].default
     parser = commands.add_parser(
         "plan", help="choose the model for this device (fit first, then speed, then quality)")
     parser.add_argument("--device", default="detect",
                         help="a profile name (e.g. raspberry-pi-5-16gb) or detect (default)")
-    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+    parser.add_argument("--context", type=_bounded_as(ModelSettings, "context"),
+                        default=default_context,
                         help=f"context window to budget the KV cache for (default "
-                             f"{DEFAULT_CONTEXT})")
-    parser.add_argument("--depth", type=int, default=defaults.depth,
+                             f"{default_context})")
+    parser.add_argument("--depth", type=_bounded_as(VerifySettings, "depth"),
+                        default=defaults.depth,
                         help=f"tokens already in context when speed is predicted (default "
                              f"{defaults.depth}, as verification measures it)")
     parser.add_argument("--kv-type", choices=sorted(KV_ELEMENT_BYTES), default="f16")
     parser.add_argument("--target-tps", type=_positive, default=defaults.target_tps)
-    parser.add_argument("--tolerance", type=float, default=defaults.tolerance,
+    parser.add_argument("--tolerance", type=_bounded_as(VerifySettings, "tolerance"),
+                        default=defaults.tolerance,
                         help="pass at target × (1 − tolerance), as verification does")
     parser.add_argument("--model", help="predict and check one catalog variant only")
     parser.add_argument("--bandwidth", type=_positive,
@@ -221,7 +241,7 @@ def add_commands(commands: Any) -> None:
     parser.add_argument("--plot", type=Path, help="draw the candidates to a PNG file")
     parser.add_argument("--calibration", action="store_true",
                         help="show the bandwidth model's fit against published measurements")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_STATE_DIR / "models")
+    parser.add_argument("--state-dir", type=Path, default=paths.state_dir)
+    parser.add_argument("--models-dir", type=Path, default=paths.models_dir)
     parser.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
     parser.set_defaults(handler=_run)

@@ -22,6 +22,7 @@ from typing import Any
 
 from .catalog import Variant, load_catalog
 from .exitcodes import ApplianceError, ExitCode
+from .models import human_bytes
 from .profiles import Profile, load_profiles, match
 from .roofline import load_bandwidth
 
@@ -233,20 +234,12 @@ class Plan:
         kv = variant.family.kv_bytes_per_token(self.request.kv_type) * self.request.context
         return budget_for(self.device.memory_bytes, round(kv))
 
-    @property
-    def below_target(self) -> bool:
-        return self.choice is not None and not self.choice.meets_target
-
 
 def quality_rank(variant: Variant) -> tuple[float, float]:
     """Bigger model first (a 30B at 2.7 bits beats a 4B at 4 bits), then within a family more
     bits per weight: closer to the unquantized model. Published quality figures (ByteShape's
     percentages) follow bits within a family but exist for too few variants to rank by."""
     return (variant.family.total_params, variant.bits_per_weight)
-
-
-def gb(size: float) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.0f} MB"
 
 
 def plan(device: Device, request: PlanRequest, catalog: dict[str, Variant] | None = None,
@@ -286,10 +279,11 @@ def _explain(candidate: Candidate, result: Plan) -> str:
                 f"tok/s; this is the fastest that fits ({speed})")
     if not candidate.fits_memory:
         budget = result.budget(candidate.variant)
-        return f"needs {gb(candidate.variant.file_bytes)}, budget {gb(budget.weights_bytes)}"
+        return (f"needs {human_bytes(candidate.variant.file_bytes)}, "
+                f"budget {human_bytes(budget.weights_bytes)}")
     if not candidate.fits_storage:
-        return (f"needs {gb(candidate.variant.file_bytes)} on the model disk, "
-                f"{gb(result.device.free_storage_bytes or 0)} free")
+        return (f"needs {human_bytes(candidate.variant.file_bytes)} on the model disk, "
+                f"{human_bytes(result.device.free_storage_bytes or 0)} free")
     if not candidate.meets_target:
         return f"{speed} < {request.threshold_tps:.2f} (target {request.target_tps:g})"
     return f"fits, {speed}, but lower quality than {choice.variant.id if choice else '?'}"

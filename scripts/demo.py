@@ -1,6 +1,6 @@
 """Serve the bundled SmolLM2-135M model on localhost, verify its speed, ask it a question, stop.
 
-`make run` calls this; it is the quickest way to see the service work on any machine: /health
+`make demo` calls this; it is the quickest way to see the service work on any machine: /health
 goes from "loading" to "verifying" to "ok" once `pi-appliance verify` has measured it.
 """
 

@@ -163,6 +163,18 @@ def test_one_model_is_predicted_and_checked_on_its_own(capsys):
     assert "not in the model catalog" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--tolerance", "1", "less than 1"),  # would pass at 0 tok/s: everything "meets" the target
+    ("--context", "-5", "greater than or equal to 128"),
+    ("--depth", "-1", "greater than or equal to 0"),
+])
+def test_out_of_range_options_are_refused_as_the_config_would_be(capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--device", "raspberry-pi-5-8gb", option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: '{value}': Input should be {message}" in capsys.readouterr().err
+
+
 def test_unknown_devices_are_refused_with_the_list(capsys):
     assert main(["plan", "--device", "raspberry-pi-6"]) == 78
     assert "raspberry-pi-5-16gb" in capsys.readouterr().err

@@ -191,7 +191,8 @@ def test_a_bad_inventory_variable_fails_preflight_and_changes_nothing(pi):
     result = ansible_playbook(pi.inventory, "site.yml", "--tags", "service",
                               "-e", "service_port=eighty")
     assert result.returncode != 0
-    assert "service_port" in result.stdout and "int" in result.stdout
+    assert ("argument 'service_port' is of type str and we were unable to convert to int"
+            in result.stdout)
     assert "Check every role's variables" in result.stdout
     assert recap(result.stdout, pi.name)["changed"] == 0
     assert health(pi)["instance_id"] == before  # the service was not touched

@@ -323,6 +323,20 @@ def test_fallback_attempts_are_bounded_and_a_manual_choice_starts_afresh(
         "no variant faster than smollm2")
 
 
+def test_a_measurement_flagged_invalid_never_switches_the_model(make_settings, tmp_path,
+                                                                two_model_store):
+    settings = make_settings(model={"path": str(two_model_store / "active"), "policy": "auto"},
+                             paths={"state_dir": str(tmp_path), "models_dir": str(two_model_store)})
+    verdict = {"result": "fail", "measured_tps": 0.2, "reason": "below",
+               "report": {"conditions": {"valid": False,
+                                         "invalid_reason": "the SoC was throttled"}}}
+    steps = fall_back(settings, verdict, progress=lambda message: None)
+    assert steps["attempts"] == []
+    assert steps["stopped"].startswith("this measurement is not valid (the SoC was throttled)")
+    assert ModelStore(two_model_store).active().name.startswith("a5fd3b62")  # still Gemma
+    assert not (tmp_path / "restart-requested").exists()
+
+
 @pytest.mark.slow
 def test_a_service_behind_an_api_key_is_verified_with_that_key(start_server, tmp_path,
                                                                monkeypatch):

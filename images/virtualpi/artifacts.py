@@ -49,7 +49,9 @@ def llama_cpp_tarball(version: str) -> Path:
     if not tarball.exists():
         staging = tarball.with_suffix(".partial")
         with tarfile.open(staging, "w:gz") as archive:
-            for path in sorted(prefix.rglob("*")):
+            # BUILD.json last: the Pi takes it as the stamp of a complete unpack.
+            last_the_stamp = sorted(prefix.rglob("*"), key=lambda p: (p.name == "BUILD.json", p))
+            for path in last_the_stamp:
                 info = archive.gettarinfo(path, str(path.relative_to(prefix)))
                 info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "root", "root"
                 if info.isreg():
@@ -97,13 +99,15 @@ def wheelhouse(version: str) -> Path:
     return house
 
 
-def build() -> dict[str, str]:
+ARTIFACTS = ("llama-cpp", "wheelhouse")
+
+
+def build(which: tuple[str, ...] = ARTIFACTS) -> dict[str, str]:
+    """Build the artifacts named (each role asks only for its own) and say where they are."""
     version = llamacpp.pinned_version()
-    prefix = llamacpp.ensure_build(version)
-    build_info = json.loads((prefix / "BUILD.json").read_text())
-    return {
-        "llama_cpp_python_version": version,
-        "llama_cpp_tarball": str(llama_cpp_tarball(version)),
-        "llama_cpp_stamp": json.dumps(build_info, sort_keys=True),
-        "wheelhouse": str(wheelhouse(version)),
-    }
+    built = {"llama_cpp_python_version": version}
+    if "llama-cpp" in which:
+        built["llama_cpp_tarball"] = str(llama_cpp_tarball(version))
+    if "wheelhouse" in which:
+        built["wheelhouse"] = str(wheelhouse(version))
+    return built

@@ -16,7 +16,7 @@ from .instance import SSH_USER, Instance, Options, instances
 EXIT_HOST_ERROR = 2
 
 
-# What sets a virtual Pi apart from a real one, for the playbook (see inventory/README.md).
+# What sets a virtual Pi apart from a real one, for the playbook (see images/README.md).
 VIRTUAL_PI_VARS = """\
       vars:
         # Under emulation generation is ~50x slower than on a real Pi 5: an honest low target and
@@ -120,9 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("args", nargs=argparse.REMAINDER)
 
     commands.add_parser("build-llama-cpp", help="cross-build llama.cpp for the Cortex-A76")
-    commands.add_parser(
+    artifacts_command = commands.add_parser(
         "build-artifacts",
         help="what provisioning installs on every Pi 5 (llama.cpp, a wheelhouse); prints JSON")
+    artifacts_command.add_argument("which", nargs="*", choices=artifacts.ARTIFACTS,
+                                   help="only these (default: all)")
     return parser
 
 
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "build-llama-cpp":
             print(llamacpp.ensure_build())
         elif args.command == "build-artifacts":
-            print(json.dumps(artifacts.build(), indent=2))
+            print(json.dumps(artifacts.build(tuple(args.which) or artifacts.ARTIFACTS), indent=2))
     except HostError as error:
         print(f"virtual-pi: error: {error}", file=sys.stderr)
         return EXIT_HOST_ERROR
