@@ -159,7 +159,14 @@ def test_the_nvme_drive_is_mounted_by_uuid_and_swap_stays_off_the_sd_card(pi, ho
     assert "What=/var/lib/pi-llm-appliance/swapfile" in swap_unit.content_string
     assert host.check_output("findmnt --noheadings --output SOURCE --target "
                              "/var/lib/pi-llm-appliance/swapfile") == "/dev/nvme0n1"
-    assert host.file("/var/lib/pi-llm-appliance/swapfile").mode == 0o600
+    swapfile = host.file("/var/lib/pi-llm-appliance/swapfile")
+    assert swapfile.mode == 0o600
+    # Sized from the model's memory budget: what the plan keeps beside the model.
+    budget = json.loads(host.run("/opt/pi-llm-appliance/venv/bin/pi-appliance plan --json")
+                        .stdout)["budget"]
+    beside_the_model = (budget["os_reserve_bytes"] + budget["runtime_overhead_bytes"]
+                        + budget["safety_margin_bytes"]) // 2**20
+    assert swapfile.size == min(max(beside_the_model, 512), 4096) * 2**20
     assert not host.service("dphys-swapfile").is_enabled
 
 
