@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## run: boot the virtual Pi 5, provision it with `ansible-playbook site.yml`, show its health
 run: setup
-	$(PY) images/virtual-pi up
-	$(PY) images/virtual-pi inventory 0 > inventory/virtual-pi.yml
+	$(PY) testbed/virtual-pi up
+	$(PY) testbed/virtual-pi inventory 0 > inventory/virtual-pi.yml
 	$(VENV)/bin/ansible-playbook site.yml -i inventory/virtual-pi.yml
-	$(PY) images/virtual-pi ssh -- /opt/pi-llm-appliance/venv/bin/pi-appliance health
+	$(PY) testbed/virtual-pi ssh -- /opt/pi-llm-appliance/venv/bin/pi-appliance health
 
 ## demo: serve the bundled small model on this machine (no Pi) and show a completion
 demo: setup
@@ -32,15 +32,15 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check appliance tests scripts benchmarks images
 
-## virtual-pi: boot a virtual Raspberry Pi 5 on this machine (as root; see images/README.md)
+## virtual-pi: boot a virtual Raspberry Pi 5 on this machine (as root; see testbed/README.md)
 virtual-pi:
-	images/virtual-pi up
+	testbed/virtual-pi up
 
 virtual-pi-ssh:
-	images/virtual-pi ssh
+	testbed/virtual-pi ssh
 
 virtual-pi-down:
-	images/virtual-pi down
+	testbed/virtual-pi down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -9,10 +9,11 @@ from enum import IntEnum
 
 class ExitCode(IntEnum):
     OK = 0
-    NOT_OK = 1  # `health`: the service answered but is not ok
+    NOT_OK = 1  # the answer is no: not healthy, below target, nothing to roll back to
+    USAGE = 64  # EX_USAGE: the command line is wrong
     MODEL_INVALID = 65  # EX_DATAERR: not a GGUF, truncated, checksum mismatch
     MODEL_MISSING = 66  # EX_NOINPUT: the model file does not exist or cannot be read
-    UNREACHABLE = 69  # EX_UNAVAILABLE: `health` could not reach the service
+    UNREACHABLE = 69  # EX_UNAVAILABLE: the service, or a program or library needed, is not there
     INTERNAL = 70  # EX_SOFTWARE: a bug; worth a restart and a report
     TRANSIENT = 75  # EX_TEMPFAIL: e.g. the port is taken; a restart may help
     CONFIG_INVALID = 78  # EX_CONFIG

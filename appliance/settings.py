@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,12 +23,16 @@ from pydantic import (
     model_validator,
 )
 
-from .exitcodes import ConfigError
-from .hardware import physical_core_count
+from appliance import layout
+from appliance.exitcodes import ConfigError
+from appliance.hardware.sysfs import physical_core_count
+from appliance.util import LOOPBACK_HOSTS
 
-DEFAULT_CONFIG_PATH = Path("/etc/pi-llm-appliance/appliance.toml")
+DEFAULT_CONFIG_PATH = layout.CONFIG_FILE
 CONFIG_ENV_VAR = "PI_APPLIANCE_CONFIG"
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# The verifier marks its requests with it, so that they stay out of the users' metrics.
+VERIFICATION_HEADER = "X-Appliance-Verification"
+MIN_KEY_LENGTH = 16
 
 DEFAULT_REQUEST_TOKENS = 256
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -43,32 +48,69 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def read_api_key(path: Path) -> bytes:
+    """The key in `path`, refusing files others can read and keys too short to be secret."""
+    try:
+        mode = path.stat().st_mode
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"server.api_key_file = '{path}': cannot read it: {exc.strerror}; "
+                          "create it with: umask 077; openssl rand -hex 32 > "
+                          f"{path}") from None
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"server.api_key_file = '{path}': readable by every user "
+                          f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    if len(key) < MIN_KEY_LENGTH:
+        raise ConfigError(f"server.api_key_file = '{path}': the key is {len(key)} characters; "
+                          f"use at least {MIN_KEY_LENGTH} (e.g. openssl rand -hex 32)")
+    return key
+
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def credential_api_key() -> Path | None:
     """The key systemd passes as the unit's `api-key` credential (LoadCredential=), so that the
-    configuration file needs no path, and the same file serves the service and its verifier."""
+    configuration file needs no path, and the same file serves the service and its verifier.
+    Outside the units (root running `pi-appliance plan` on the device), the file at rest."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    key = Path(directory) / "api-key" if directory else None
-    return key if key is not None and key.is_file() else None
+    for key in ([Path(directory) / "api-key"] if directory else []) + [layout.API_KEY_FILE]:
+        if key.is_file():
+            return key
+    return None
 
 
 class ServerSettings(_Section):
-    host: str = "127.0.0.1"
-    port: Port = 8080
-    # Unset: the unit's api-key credential when there is one.
-    api_key_file: Path | None = Field(default_factory=credential_api_key, validate_default=True)
-    # Host-header allow-list against DNS rebinding. None: loopback names when bound to
-    # loopback, the bind address otherwise; an empty list switches the check off.
-    trusted_hosts: list[str] | None = None
-    max_request_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
-    http_threads: int = Field(default=8, ge=2, le=64)
+    host: str = Field(default="127.0.0.1", description=(
+        "address to bind; anything but loopback **requires** `api_key_file`"))
+    port: Port = Field(default=8080, description="TCP port of the API")
+    api_key_file: Path | None = Field(
+        default_factory=credential_api_key, validate_default=True, description=(
+            "file with the bearer key (≥ 16 characters, not world-readable); unset: the units' "
+            "`api-key` credential, else `/etc/pi-llm-appliance/api-key` when it exists"))
+    trusted_hosts: list[str] | None = Field(default=None, description=(
+        "Host-header allow-list against DNS rebinding; unset: loopback names when bound to "
+        "loopback, the bind address otherwise, off for `0.0.0.0`; `[]` turns it off"))
+    max_request_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576,
+                                   description="larger request bodies get 413")
+    http_threads: int = Field(default=8, ge=2, le=64, description=(
+        "HTTP worker threads (one generation runs at a time regardless)"))
 
     @property
     def is_loopback(self) -> bool:
         return _is_loopback(self.host)
+
+    @property
+    def local_url(self) -> str:
+        """Where a program on the device itself reaches the service (the verifier, `health`)."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - listening everywhere; ask loopback
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @field_validator("api_key_file")
     @classmethod
@@ -85,24 +127,33 @@ class ServerSettings(_Section):
         if self.trusted_hosts is not None:
             return self.trusted_hosts or None
         if self.is_loopback:
-            return list(LOOPBACK_NAMES)
+            return list(LOOPBACK_HOSTS)
         if self.host in ("0.0.0.0", "::"):  # noqa: S104 - a comparison, not a bind
             return None  # every address of the machine: the API key is the guard
-        return [self.host, *LOOPBACK_NAMES]
+        return [self.host, *LOOPBACK_HOSTS]
 
 
 class ModelSettings(_Section):
-    path: Path
-    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:/-]{1,128}$")
-    sha256: str | None = None
-    threads: int = Field(default_factory=physical_core_count, ge=1, le=256)
-    context: int = Field(default=4096, ge=128, le=262_144)
-    batch: int = Field(default=512, ge=16, le=8192)
-    mlock: bool = False
-    # "auto": a verification below target switches to a faster catalog variant that fits and is
-    # installed (or installable from a pinned checksum), restarts and verifies again.
-    policy: Literal["pinned", "auto"] = "pinned"
-    fallback_attempts: int = Field(default=2, ge=1, le=10)
+    path: Path = Field(description=(
+        "the GGUF model file; on an appliance the store's `active` link (required)"))
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:/-]{1,128}$", description=(
+        "the name `/v1/models` reports; unset: the catalog id the store recorded, else the "
+        "file's stem"))
+    sha256: str | None = Field(default=None, description=(
+        "pinned checksum; a mismatch refuses to load (exit 65)"))
+    threads: int = Field(default_factory=physical_core_count, ge=1, le=256, description=(
+        "inference threads; unset: the physical cores (llama-cpp-python's own default is "
+        "`cpu_count // 2`)"))
+    context: int = Field(default=4096, ge=128, le=262_144, description="context size in tokens")
+    batch: int = Field(default=512, ge=16, le=8192, description="prompt-processing batch")
+    mlock: bool = Field(default=False, description=(
+        "lock the model in RAM (the unit then needs `LimitMEMLOCK=infinity`)"))
+    policy: Literal["pinned", "auto"] = Field(default="pinned", description=(
+        "`auto`: a verification below target switches to a faster catalog variant that fits "
+        "and is installed or installable with a pinned checksum, restarts and verifies again "
+        "(docs/planner.md)"))
+    fallback_attempts: int = Field(default=2, ge=1, le=10, description=(
+        "at most this many automatic switches until a person chooses a model"))
 
     @field_validator("sha256")
     @classmethod
@@ -120,14 +171,20 @@ class ModelSettings(_Section):
 
 
 class LimitsSettings(_Section):
-    max_tokens: int = Field(default=1024, ge=1, le=32_768)
-    # Unset: 256, or max_tokens when that is lower, so lowering the cap alone is enough.
-    default_max_tokens: int | None = Field(default=None, ge=1, le=32_768)
-    queue_size: int = Field(default=4, ge=0, le=256)
-    queue_timeout_seconds: float = Field(default=300.0, gt=0, le=3600)
-    # A generation that makes no progress for this long is reported as hung.
-    stall_seconds: float = Field(default=120.0, gt=0, le=3600)
-    max_stop_sequences: int = Field(default=4, ge=0, le=16)
+    max_tokens: int = Field(default=1024, ge=1, le=32_768, description=(
+        "cap on the `max_tokens` a request may ask for"))
+    default_max_tokens: int | None = Field(default=None, ge=1, le=32_768, description=(
+        "when a request does not say; unset: 256, or `max_tokens` if lower, so lowering the "
+        "cap alone is enough; must not exceed `max_tokens`"))
+    queue_size: int = Field(default=4, ge=0, le=256, description=(
+        "requests that may wait while one generates; beyond: 429"))
+    queue_timeout_seconds: float = Field(default=300.0, gt=0, le=3600, description=(
+        "a queued request waiting longer gets 503"))
+    stall_seconds: float = Field(default=120.0, gt=0, le=3600, description=(
+        "a generation with no progress for this long makes health `stalled` and stops "
+        "watchdog pings"))
+    max_stop_sequences: int = Field(default=4, ge=0, le=16, description=(
+        "`stop` strings a request may give"))
 
     @field_validator("default_max_tokens")
     @classmethod
@@ -144,29 +201,35 @@ class LimitsSettings(_Section):
 
 
 class PathSettings(_Section):
-    state_dir: Path = Path("/var/lib/pi-llm-appliance")
-    # The model store (`pi-appliance model`); model.path usually points at its `active` link.
-    models_dir: Path = Path("/var/lib/pi-llm-appliance/models")
-    # Where /sys and /proc are read from; tests point it at fixture trees.
-    hardware_root: Path = Path("/")
+    state_dir: Path = Field(default=layout.STATE_DIR, description=(
+        "verification result (`verify.json`), fallback history, measured bandwidth, checksum "
+        "cache fallback"))
+    models_dir: Path = Field(default=layout.MODELS_DIR, description=(
+        "the model store (`pi-appliance model`); `model.path` usually points at its `active` "
+        "link"))
+    hardware_root: Path = Field(default=Path("/"), description=(
+        "where `/sys` and `/proc` are read from (tests point it at fixtures)"))
 
 
 class VerifySettings(_Section):
     """The speed check the verify unit runs after every start (`pi-appliance verify`)."""
 
-    # false: /health is "ok" as soon as the model is loaded, without waiting for a verification.
-    enabled: bool = True
-    target_tps: float = Field(default=8.0, gt=0, le=10_000)
-    # Pass at target * (1 - tolerance): run-to-run noise must not flip the verdict.
-    tolerance: float = Field(default=0.05, ge=0, lt=1)
-    # Tokens already in context when generation is timed: a realistic conversation.
-    depth: int = Field(default=1024, ge=0, le=262_144)
-    n_prompt: int = Field(default=64, ge=1, le=8192)
-    n_gen: int = Field(default=64, ge=8, le=4096)
-    repetitions: int = Field(default=3, ge=1, le=50)
-    on_fail: Literal["degraded", "refuse"] = "degraded"
-    # How long verification waits for the service to finish loading its model.
-    wait_seconds: float = Field(default=900.0, gt=0, le=86_400)
+    enabled: bool = Field(default=True, description=(
+        "`/health` waits for a speed verification of each start; `false`: `ok` once loaded"))
+    target_tps: float = Field(default=8.0, gt=0, le=10_000, description=(
+        "decode tokens/s the service must reach at `verify.depth`"))
+    tolerance: float = Field(default=0.05, ge=0, lt=1, description=(
+        "pass at `target_tps × (1 − tolerance)`: run-to-run noise must not flip the verdict"))
+    depth: int = Field(default=1024, ge=0, le=262_144, description=(
+        "context tokens before the timed generation (a realistic conversation); left unset in a "
+        "smaller `model.context`, as deep as fits"))
+    n_prompt: int = Field(default=64, ge=1, le=8192, description="the verification's prompt tokens")
+    n_gen: int = Field(default=64, ge=8, le=4096, description="tokens generated per timed pass")
+    repetitions: int = Field(default=3, ge=1, le=50, description="timed passes (the median counts)")
+    on_fail: Literal["degraded", "refuse"] = Field(default="degraded", description=(
+        "below target: `degraded` (serve; `/health` 200 `degraded`) or `refuse` (503 `refused`)"))
+    wait_seconds: float = Field(default=900.0, gt=0, le=86_400, description=(
+        "how long the verifier waits for the model to load"))
 
 
 class Settings(_Section):
@@ -175,7 +238,8 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     paths: PathSettings = PathSettings()
     verify: VerifySettings = VerifySettings()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="`debug`, `info`, `warning` or `error`")
 
     @model_validator(mode="after")
     def _verification_fits_context(self) -> Settings:

@@ -28,13 +28,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPOSITORY / "images"))
-
-from virtualpi import llamacpp  # noqa: E402
-
-from appliance.bench import BenchSpec, Endpoint, ThroughService, run_passes, summarize  # noqa: E402
-from appliance.conditions import cpu_model  # noqa: E402
+from appliance.control import llamacpp
+from appliance.verification.bench import (
+    BenchSpec,
+    Endpoint,
+    ThroughService,
+    run_passes,
+    summarize,
+)
+from appliance.verification.conditions import cpu_model
 
 CONTEXT = 2048
 

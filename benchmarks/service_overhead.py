@@ -89,7 +89,7 @@ def main() -> int:
          str(args.context), str(args.tokens)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        from appliance.engine import Engine  # the service's own template rendering
+        from appliance.service.engine import Engine  # the service's own template rendering
         from appliance.settings import Settings
 
         settings = Settings.model_validate({"model": {"path": str(args.model), "threads": 1}})

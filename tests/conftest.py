@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from appliance.app import create_app
-from appliance.engine import Engine
+from appliance.service.app import create_app
+from appliance.service.engine import Engine
 from appliance.settings import Settings
+from tests.helpers import GIB, free_port, http_json, write_config
 
 
 @pytest.fixture(scope="session")
@@ -76,23 +75,6 @@ def client(app):
     return app.test_client()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_json(url: str, body: dict | None = None, headers: dict | None = None,
-              timeout: float = 60) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.status, json.load(reply)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-
-
 @dataclass
 class ServerProcess:
     process: subprocess.Popen
@@ -126,15 +108,6 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -190,7 +163,6 @@ def pi5_root(tmp_path: Path) -> Path:
 A76 = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc "
        "dcpop asimddp")
 A72 = "fp asimd evtstrm crc32 cpuid"
-GIB = 1 << 30
 
 
 def make_board(root: Path, *, model: str, revision: int, part: str, features: str,
@@ -240,7 +212,7 @@ def pi4(tmp_path: Path) -> Path:
                       storage_source="/dev/mmcblk0p2")
 
 
-# The virtual Raspberry Pi 5 (images/virtualpi) -----------------------------------------------
+# The virtual Raspberry Pi 5 (testbed/virtualpi) -----------------------------------------------
 # Tests use slots 90-99 so a developer's own instance (slot 0) is never touched.
 SHARED_VIRTUAL_PI_SLOT = 90
 

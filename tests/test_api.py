@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.app import create_app
-from appliance.engine import Engine
+from appliance.service.app import create_app
+from appliance.service.engine import Engine
+from tests.helpers import metric_value
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
         "temperature": 0, "seed": 1}
@@ -252,13 +253,6 @@ def test_stuck_generation_makes_health_not_ok(make_settings):
     assert health.get_json()["engine"]["heartbeat_age_seconds"] > 0.3
     stuck.close()
     assert client.get("/health").status_code == 200
-
-
-def metric_value(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 def test_metrics_count_requests_and_tokens(make_settings, shared_engine):

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from appliance.cli import main
-from appliance.detect import board_memory_bytes, detect
-from appliance.profiles import load_profiles, match
-from tests.conftest import GIB
+from appliance.hardware.detect import board_memory_bytes, detect
+from appliance.hardware.profiles import load_profiles, match
+from tests.helpers import GIB
 
 
 def test_a_pi5_8gb_on_nvme(pi5_8gb, tmp_path):

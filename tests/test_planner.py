@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.catalog import load_catalog
 from appliance.cli import main
-from appliance.planner import (
+from appliance.hardware.bandwidth import save_bandwidth
+from appliance.hardware.profiles import load_profiles
+from appliance.models.catalog import load_catalog
+from appliance.planning.planner import (
     OS_RESERVE_BYTES,
     RUNTIME_OVERHEAD_BYTES,
     PlanRequest,
@@ -19,9 +21,7 @@ from appliance.planner import (
     device_from_profile,
     plan,
 )
-from appliance.profiles import load_profiles
-from appliance.roofline import save_bandwidth
-from tests.conftest import GIB
+from tests.helpers import GIB, write_config
 
 QWEN_30B = "qwen3-30b-a3b-2507-q3_k_s-2.70bpw"
 LLAMA_1B = "llama-3.2-1b-instruct-q4_k_m"
@@ -133,7 +133,7 @@ def test_when_nothing_meets_the_target_the_fastest_that_fits_is_flagged(capsys):
 
 def test_a_pi4_without_a_bandwidth_figure_is_told_to_measure_it(capsys, pi4, tmp_path):
     code = main(["plan", "--device", "raspberry-pi-4-4gb"])
-    assert code == 78
+    assert code == 64  # EX_USAGE: the command line must say more
     assert "pi-appliance bench --bandwidth" in capsys.readouterr().err
     # Measured on the device and stored, it is used: a Pi 4 detected from its fixture files.
     save_bandwidth(tmp_path, 4.0e9, 4)
@@ -159,7 +159,7 @@ def test_one_model_is_predicted_and_checked_on_its_own(capsys):
     assert candidate["fits_memory"] and candidate["meets_target"] and code == 0
     assert candidate["memory_bytes"] == 10_286_446_674 + 96 * 1024 * 8192
     assert 7.6 < candidate["predicted_tokens_per_second"] < 9
-    assert main(["plan", "--device", "raspberry-pi-5-16gb", "--model", "gpt-5"]) == 78
+    assert main(["plan", "--device", "raspberry-pi-5-16gb", "--model", "gpt-5"]) == 64
     assert "not in the model catalog" in capsys.readouterr().err
 
 
@@ -171,12 +171,12 @@ def test_one_model_is_predicted_and_checked_on_its_own(capsys):
 def test_out_of_range_options_are_refused_as_the_config_would_be(capsys, option, value, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--device", "raspberry-pi-5-8gb", option, value])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 64  # EX_USAGE, not argparse's 2
     assert f"argument {option}: '{value}': Input should be {message}" in capsys.readouterr().err
 
 
 def test_unknown_devices_are_refused_with_the_list(capsys):
-    assert main(["plan", "--device", "raspberry-pi-6"]) == 78
+    assert main(["plan", "--device", "raspberry-pi-6"]) == 64
     assert "raspberry-pi-5-16gb" in capsys.readouterr().err
 
 
@@ -191,3 +191,20 @@ def test_the_plot_is_a_png(capsys, tmp_path: Path):
     code, _ = run(capsys, "--device", "raspberry-pi-5-16gb", "--plot", str(target))
     assert code == 0
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 20_000
+
+
+def test_the_plan_is_for_the_appliances_own_configuration(capsys, tmp_path, model_path):
+    # On an appliance the planner asks what the service serves and how it is verified, so the
+    # roles never restate those values.
+    config = write_config(tmp_path / "appliance.toml", {
+        "model": {"path": str(model_path), "context": 2048},
+        "verify": {"depth": 64, "target_tps": 1.5, "n_prompt": 16, "n_gen": 16},
+        "paths": {"state_dir": str(tmp_path), "models_dir": str(tmp_path / "models")}})
+    code, out = run(capsys, "--device", "raspberry-pi-5-8gb", "--config", str(config), "--json")
+    assert code in (0, 1)  # a plan either way: 1 says the choice is below target
+    request = json.loads(out)["request"]
+    assert (request["context"], request["depth"], request["target_tps"]) == (2048, 64, 1.5)
+    # A flag still wins over the file.
+    _, out = run(capsys, "--device", "raspberry-pi-5-8gb", "--config", str(config), "--json",
+                 "--depth", "0")
+    assert json.loads(out)["request"]["depth"] == 0

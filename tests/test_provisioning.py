@@ -45,7 +45,7 @@ def recap(output: str, host: str) -> dict[str, int]:
 
 def write_inventory(directory: Path, slot: int) -> Path:
     inventory = directory / f"vpi{slot}.yml"
-    generated = subprocess.run([sys.executable, str(REPOSITORY / "images/virtual-pi"),
+    generated = subprocess.run([sys.executable, str(REPOSITORY / "testbed/virtual-pi"),
                                 "inventory", str(slot)], capture_output=True, text=True,
                                check=True)
     inventory.write_text(generated.stdout)

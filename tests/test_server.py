@@ -18,8 +18,7 @@ import openai
 import pytest
 
 from appliance.exitcodes import ExitCode
-
-from .conftest import free_port, http_json
+from tests.helpers import free_port, http_json
 
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}],
         "ignore_eos": True, "temperature": 0.7}
@@ -177,7 +176,7 @@ def test_systemd_readiness_status_watchdog_and_stopping(start_server, notify_soc
 
 
 def test_watchdog_is_withheld_while_the_engine_is_stuck(monkeypatch, notify_socket):
-    from appliance.systemd import Notifier
+    from appliance.service.systemd import Notifier
 
     notify_path, sock = notify_socket
     sock.settimeout(0.3)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.exitcodes import ConfigError, ExitCode
-from appliance.hardware import physical_core_count
+from appliance.hardware.sysfs import physical_core_count
 from appliance.settings import load_settings, validate
 
 

@@ -11,20 +11,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from virtualpi.llamacpp import pinned_version
 
-from appliance import roofline
-from appliance.app import create_app
-from appliance.bench import BenchSpec, Endpoint, InProcess
 from appliance.cli import main
-from appliance.conditions import Conditions, Monitor, parse_pmic_adc
+from appliance.control.llamacpp import pinned_version
 from appliance.exitcodes import ConfigError
-from appliance.fallback import fall_back
-from appliance.models import ModelStore
+from appliance.hardware.bandwidth import load_bandwidth
+from appliance.models.store import ModelStore
+from appliance.planning.fallback import fall_back
+from appliance.service.app import create_app
 from appliance.settings import validate
-from appliance.verify import write_result
-from tests.conftest import free_port, http_json, write_config
-from tests.test_api import metric_value
+from appliance.verification import roofline
+from appliance.verification.bench import BenchSpec, Endpoint, InProcess
+from appliance.verification.conditions import Conditions, Monitor, parse_pmic_adc
+from appliance.verification.verify import write_result
+from tests.helpers import free_port, http_json, metric_value, write_config
 
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 QUICK = ("--depth", "0,32", "--n-prompt", "16", "--n-gen", "8", "--repetitions", "2")
@@ -75,7 +75,7 @@ def test_bench_in_process_reports_pp_tg_ttft_per_depth_with_its_conditions(
 def test_bench_table_and_roofline_from_a_measured_bandwidth(capsys, model_path, tmp_path):
     code, out = run_cli(capsys, "bench", "--bandwidth", "--state-dir", str(tmp_path))
     assert code == 0 and "GB/s" in out
-    stored = roofline.load_bandwidth(tmp_path)
+    stored = load_bandwidth(tmp_path)
     assert stored["read_bytes_per_second"] > 1e8  # any machine reads faster than 100 MB/s
 
     code, out = run_cli(capsys, "bench", "--model", str(model_path), "--threads", "1",

@@ -66,9 +66,9 @@ def judge(tmp_path: Path, script: list[tuple[int, dict]], **env: str):
   tasks:
     - name: The verify role
       ansible.builtin.import_role:
-        name: verify
+        name: pi_llm.appliance.verify
       vars:
-        verify_url: {served.url}
+        verify_service_url: {served.url}
         verify_wait_seconds: 30
         verify_poll_seconds: 1
     - name: Keep the summary
@@ -79,11 +79,11 @@ def judge(tmp_path: Path, script: list[tuple[int, dict]], **env: str):
 """)
     result = subprocess.run(
         [str(BIN / "ansible-playbook"), "-c", "local", "-i", "localhost,", str(playbook),
-         "--start-at-task", "verify : Wait for the model to load and the speed verification of "
-         "this start", "-e", f"ansible_python_interpreter={sys.executable}"],
+         "--start-at-task", "pi_llm.appliance.verify : Wait for the model to load and the speed "
+         "verification of this start", "-e", f"ansible_python_interpreter={sys.executable}"],
         capture_output=True, text=True, timeout=300, check=False,
         env={"PATH": f"{BIN}:/usr/bin:/bin", "ANSIBLE_NOCOLOR": "1", "HOME": str(tmp_path),
-             "ANSIBLE_ROLES_PATH": str(REPOSITORY / "roles"), **env})
+             "ANSIBLE_COLLECTIONS_PATH": str(REPOSITORY / "collections"), **env})
     served.server.shutdown()
     served.server.server_close()
     kept = tmp_path / "summary.json"

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from virtualpi import disk, isa, llamacpp, network
+from virtualpi import disk, isa, network
 from virtualpi.host import BINFMT_DIR, ensure_binfmt
 from virtualpi.instance import Instance
+
+from appliance.control import llamacpp
 
 pytestmark = pytest.mark.virtual_pi
 
@@ -240,7 +242,7 @@ def test_cross_built_llama_cpp_runs_as_a_cortex_a76_with_neon_and_dotprod(
     virtual_pi_host, model_path
 ):
     prefix = llamacpp.ensure_build()
-    info = llamacpp.system_info(prefix)
+    info = isa.llama_system_info(prefix)
     assert "NEON = 1" in info and "DOTPROD = 1" in info, info
     assert "OPENMP = 1" in info, info
 
@@ -264,7 +266,8 @@ def test_the_appliance_detects_a_pi5_8gb_with_nvme_in_the_virtual_pi(virtual_pi)
          f"pi@{virtual_pi.address}:/tmp/detector/appliance/"],
         check=True,
     )
-    script = "import json; from appliance.detect import detect; print(json.dumps(detect()))"
+    script = ("import json; from appliance.hardware.detect import detect; "
+              "print(json.dumps(detect()))")
     report = json.loads(virtual_pi.ssh(f"cd /tmp/detector && python3 -c '{script}'").stdout)
     assert report["board"] == {"model": "Raspberry Pi 5 Model B Rev 1.0", "revision": "d04170",
                                "memory_bytes": 8 << 30}

@@ -1,0 +1,43 @@
+"""The control machine: its cache, the source tree the artifacts are built from, and running
+commands so that a failure says what failed and why."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+# The checkout, or the installed Ansible collection: both hold pyproject.toml and constraints.txt
+# beside the appliance package.
+SOURCE = Path(__file__).resolve().parents[2]
+
+
+class HostError(RuntimeError):
+    """This machine cannot do what was asked; the message says what to do about it."""
+
+
+def cache_dir() -> Path:
+    """Where built artefacts (root filesystem tarballs, cross builds) are kept between runs."""
+    override = os.environ.get("VIRTUAL_PI_CACHE")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pi-llm-appliance"
+
+
+def run(*args: str | os.PathLike[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, capturing its output; on failure raise HostError with what it printed."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    try:
+        result = subprocess.run([str(arg) for arg in args], check=False, **kwargs)
+    except FileNotFoundError as error:
+        raise HostError(f"{args[0]} is not installed: {error}") from error
+    except subprocess.TimeoutExpired as error:
+        if check:
+            raise HostError(f"`{' '.join(map(str, args))}` took over {error.timeout} s") from error
+        return subprocess.CompletedProcess(error.cmd, 124, error.stdout or "", error.stderr or "")
+    if check and result.returncode != 0:
+        output = (result.stderr or result.stdout or "").strip()[-2000:]  # the end says why
+        raise HostError(f"`{' '.join(map(str, args))}` failed ({result.returncode}): {output}")
+    return result

@@ -1,0 +1,261 @@
+"""The OpenAI-compatible endpoints under /v1."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Blueprint, Request, Response, current_app, jsonify, request
+from pydantic import ValidationError
+from werkzeug.exceptions import BadRequest
+
+from appliance.service.engine import (
+    Engine,
+    EngineState,
+    GenerationStats,
+    Lease,
+    NotReady,
+    PromptTooLong,
+    QueueFull,
+    QueueTimeout,
+    Sampling,
+)
+from appliance.service.errors import ApiError
+from appliance.service.metrics import Metrics
+from appliance.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
+from appliance.settings import VERIFICATION_HEADER, Settings
+
+bp = Blueprint("api", __name__, url_prefix="/v1")
+
+# Reasons our engine ends that OpenAI clients do not know are reported as the nearest one.
+WIRE_FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "length"}
+
+
+def _engine() -> Engine:
+    return current_app.extensions["appliance.engine"]
+
+
+def _metrics() -> Metrics:
+    return current_app.extensions["appliance.metrics"]
+
+
+def _settings() -> Settings:
+    return current_app.extensions["appliance.settings"]
+
+
+def _parse(model: type[SamplingParams]) -> Any:
+    try:
+        body = request.get_json(force=True)
+    except BadRequest:
+        raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors(include_url=False):
+            where = ".".join(str(part) for part in item["loc"]) or "body"
+            problems.append(f"{where}: {item['msg']}" if item["type"] != "extra_forbidden"
+                            else f"{where}: unknown parameter")
+        raise ApiError(400, "; ".join(problems), "invalid_parameters") from None
+
+
+def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, ...]) -> Sampling:
+    limits = _settings().limits
+    if requested is not None and requested > limits.max_tokens:
+        raise ApiError(400, f"max_tokens = {requested} exceeds this server's cap of "
+                            f"{limits.max_tokens} (limits.max_tokens)", "max_tokens_too_large")
+    if len(params.stop_sequences) > limits.max_stop_sequences:
+        raise ApiError(400, f"at most {limits.max_stop_sequences} stop sequences are allowed",
+                       "too_many_stop_sequences")
+    return Sampling(
+        max_tokens=requested or limits.request_default_tokens,
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        min_p=params.min_p, repeat_penalty=params.repeat_penalty,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        seed=params.seed, stop=tuple(params.stop_sequences) + stops,
+        ignore_eos=params.ignore_eos,
+    )
+
+
+def _ready_engine() -> Engine:
+    engine = _engine()
+    if engine.facts is None or engine.state is not EngineState.READY:
+        raise ApiError(503, f"the model is not ready ({engine.state.value}); see GET /health",
+                       "model_not_ready", {"Retry-After": "5"})
+    return engine
+
+
+def _acquire(engine: Engine) -> Lease:
+    try:
+        return engine.acquire()
+    except QueueFull as exc:
+        raise ApiError(429, f"{exc}", "queue_full",
+                       {"Retry-After": str(exc.retry_after)}) from None
+    except QueueTimeout as exc:
+        raise ApiError(503, f"{exc}", "queue_timeout",
+                       {"Retry-After": str(exc.retry_after)}) from None
+    except NotReady as exc:
+        raise ApiError(503, f"the model is not ready ({exc})", "model_not_ready",
+                       {"Retry-After": "5"}) from None
+
+
+def _client_gone() -> Callable[[], bool]:
+    # waitress offers this when it watches the socket while the app runs.
+    check = request.environ.get("waitress.client_disconnected")
+    return check if callable(check) else (lambda: False)
+
+
+def is_verification(incoming: Request) -> bool:
+    """Requests of `pi-appliance verify` (authenticated like any other); they are measured by
+    the verifier and kept out of the user-facing metrics."""
+    return incoming.headers.get(VERIFICATION_HEADER) == "1"
+
+
+def _record(metrics: Metrics | None, stats: GenerationStats) -> None:
+    if metrics is None:  # a verification request
+        return
+    metrics.prompt_tokens.inc(stats.prompt_tokens)
+    metrics.generated_tokens.inc(stats.completion_tokens)
+    if stats.time_to_first_token is not None:
+        metrics.time_to_first_token.observe(stats.time_to_first_token)
+    if stats.decode_tokens_per_second is not None:
+        metrics.generation_rate.observe(stats.decode_tokens_per_second)
+
+
+def _usage(stats: GenerationStats) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.total_tokens}
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class _Completion:
+    """One request's generation, rendered as a chat or a text completion."""
+
+    def __init__(self, kind: str, prompt: list[int], sampling: Sampling, usage_in_stream: bool):
+        self.kind = kind
+        self.prompt = prompt
+        self.sampling = sampling
+        self.usage_in_stream = usage_in_stream
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        # Captured now: a streamed body is produced after the request context has gone.
+        self.engine = _engine()
+        self.metrics = None if is_verification(request) else _metrics()
+        self.client_gone = _client_gone()
+        self.model = self.engine.facts.id  # type: ignore[union-attr]
+        self.stats = GenerationStats(prompt_tokens=len(prompt))
+
+    @property
+    def object_name(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    def _choice(self, text: str | None, finish: str | None, *, streaming: bool) -> dict:
+        if self.kind == "chat":
+            body = ({"delta": {} if text is None else {"content": text}} if streaming
+                    else {"message": {"role": "assistant", "content": text}})
+        else:
+            body = {"text": text or "", "logprobs": None}
+        return {"index": 0, **body, "finish_reason": finish}
+
+    def _envelope(self, choices: list[dict], suffix: str = "") -> dict[str, Any]:
+        return {"id": self.id, "object": self.object_name + suffix, "created": self.created,
+                "model": self.model, "choices": choices}
+
+    def run(self, lease: Lease) -> Iterator[str]:
+        return self.engine.generate(lease, self.prompt, self.sampling, self.stats,
+                                    self.client_gone)
+
+    def whole(self, lease: Lease) -> dict[str, Any]:
+        text = "".join(self.run(lease))
+        finish = WIRE_FINISH_REASONS[self.stats.finish_reason]
+        return {**self._envelope([self._choice(text, finish, streaming=False)]),
+                "usage": _usage(self.stats)}
+
+    def events(self, lease: Lease) -> Iterator[str]:
+        suffix = ".chunk" if self.kind == "chat" else ""
+        if self.kind == "chat":
+            opening = self._choice(None, None, streaming=True)
+            opening["delta"] = {"role": "assistant", "content": ""}
+            yield _sse(self._envelope([opening], suffix))
+        for piece in self.run(lease):
+            yield _sse(self._envelope([self._choice(piece, None, streaming=True)], suffix))
+        finish = WIRE_FINISH_REASONS[self.stats.finish_reason]
+        yield _sse(self._envelope([self._choice(None, finish, streaming=True)], suffix))
+        if self.usage_in_stream:
+            yield _sse({**self._envelope([], suffix), "usage": _usage(self.stats)})
+        yield _sse("[DONE]")
+
+
+def _respond(completion: _Completion, stream: bool) -> Response:
+    lease = _acquire(completion.engine)
+    if not stream:
+        try:
+            body = completion.whole(lease)
+        finally:
+            lease.release()
+            _record(completion.metrics, completion.stats)
+        return jsonify(body)
+
+    def events() -> Iterator[str]:
+        try:
+            yield from completion.events(lease)
+        finally:
+            lease.release()
+            _record(completion.metrics, completion.stats)
+
+    response = Response(events(), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # A stream closed before its first chunk never runs the generator's finally.
+    response.call_on_close(lease.release)
+    return response
+
+
+def _prompt_checked(engine: Engine, prompt: list[int], sampling: Sampling) -> Sampling:
+    try:
+        budget = engine.token_budget(len(prompt), sampling.max_tokens)
+    except PromptTooLong as exc:
+        raise ApiError(400, str(exc), "context_length_exceeded") from None
+    return dataclasses.replace(sampling, max_tokens=budget)
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    params: ChatCompletionRequest = _parse(ChatCompletionRequest)
+    engine = _ready_engine()
+    prompt, template_stops = engine.chat_prompt([m.as_template_input() for m in params.messages])
+    sampling = _sampling(params, params.requested_max_tokens, template_stops)
+    completion = _Completion("chat", prompt, _prompt_checked(engine, prompt, sampling),
+                             params.wants_usage_in_stream)
+    return _respond(completion, params.stream)
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    params: CompletionRequest = _parse(CompletionRequest)
+    engine = _ready_engine()
+    prompt = engine.text_prompt(params.prompt)
+    sampling = _sampling(params, params.requested_max_tokens, ())
+    completion = _Completion("text", prompt, _prompt_checked(engine, prompt, sampling),
+                             params.wants_usage_in_stream)
+    return _respond(completion, params.stream)
+
+
+@bp.get("/models")
+def models() -> Response:
+    facts = _ready_engine().facts
+    assert facts is not None
+    return jsonify({"object": "list", "data": [{
+        "id": facts.id, "object": "model", "created": 0, "owned_by": "pi-llm-appliance",
+        "meta": {"sha256": facts.sha256, "quantization": facts.quantization,
+                 "context": facts.context, "parameters": facts.parameters},
+    }]})

@@ -1,0 +1,426 @@
+"""The inference engine: one llama.cpp model, one generation at a time, a bounded queue.
+
+A `Llama` object is not thread-safe, so every use of it happens while holding a `Lease`.
+Requests beyond the one running wait in a queue of bounded length; past that they are
+refused at once (the API answers 429), so a burst cannot pile up unbounded work.
+
+The token loop is our own rather than llama-cpp-python's `create_completion`, which
+re-detokenizes the whole completion on every token (quadratic in its length): here text is
+decoded incrementally, stop sequences are matched on the undelivered tail only, and every
+token refreshes the heartbeat that health and the systemd watchdog trust.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from appliance.exitcodes import ApplianceError, ExitCode, ModelFileError
+from appliance.models.checksums import verify_sha256
+from appliance.models.gguf import quantization_name, read_gguf_header
+from appliance.models.store import catalog_id_of
+from appliance.settings import LimitsSettings, ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
+class NotReady(Exception):
+    """The engine cannot take work now (still loading, failed, or shutting down)."""
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the request queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class QueueTimeout(Exception):
+    def __init__(self, waited: float, retry_after: int):
+        super().__init__(f"waited {waited:.0f} s in the queue without being served")
+        self.retry_after = retry_after
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What /health and the benchmarks report about the loaded model."""
+
+    id: str
+    path: str
+    sha256: str
+    size_bytes: int
+    quantization: str | None
+    parameters: int
+    context: int
+    context_trained: int
+    threads: int
+    load_seconds: float
+    system_info: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters, already validated and bounded by the API layer."""
+
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+    time_to_first_token: float | None = None
+    decode_seconds: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        # The first token's time belongs to prompt processing, so it is not counted here.
+        if self.completion_tokens < 2 or self.decode_seconds <= 0:
+            return None
+        return (self.completion_tokens - 1) / self.decode_seconds
+
+
+@dataclass
+class Lease:
+    """The right to use the model; release it exactly once (idempotent)."""
+
+    engine: Engine
+    released: bool = field(default=False, init=False)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.engine._release()
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could begin one of the stop sequences."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class Engine:
+    def __init__(self, model: ModelSettings, limits: LimitsSettings, cache_dir: Path | None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.model_settings = model
+        self.limits = limits
+        self._cache_dir = cache_dir
+        self._clock = clock
+        self._llama: Any = None
+        self._chat_formatter: Callable[..., Any] | None = None
+        self._condition = threading.Condition()
+        self._busy = False
+        self._waiting = 0
+        self._last_progress = clock()
+        self._average_request_seconds = 5.0
+        self._request_started = 0.0
+        self._stop = threading.Event()
+        # Every call into llama.cpp (load and each generation) runs on this one thread.
+        # llama.cpp's OpenMP workers belong to the thread that calls it: calls from many HTTP
+        # threads would leave one idle worker team per thread, and with more OpenMP threads
+        # than cores libgomp stops spinning between operations, halving decode speed.
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.state = EngineState.LOADING
+        self.status_line = "starting"
+        self.facts: ModelFacts | None = None
+        self.failure: ApplianceError | None = None
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def load(self) -> ModelFacts:
+        """Check, then load the model. On failure the state is FAILED and the error re-raised."""
+        try:
+            self.facts = self._inference.submit(self._load).result()
+        except ApplianceError as exc:
+            self.failure = exc
+            self.state = EngineState.FAILED
+            raise
+        with self._condition:
+            if self.state is EngineState.LOADING:
+                self.state = EngineState.READY
+                self._last_progress = self._clock()
+        return self.facts
+
+    def _load(self) -> ModelFacts:
+        settings = self.model_settings
+        path = settings.path
+        started = self._clock()
+        self.status_line = f"checking {path.name}"
+        read_gguf_header(path)
+        self.status_line = f"computing sha256 of {path.name}"
+        sha256 = verify_sha256(path, settings.sha256, self._cache_dir)
+        self.status_line = f"loading {path.name}"
+        from llama_cpp import Llama, llama_cpp  # deferred: importing loads the native library
+
+        try:
+            llama = Llama(
+                model_path=str(path),
+                n_threads=settings.threads,
+                n_threads_batch=settings.threads,
+                n_ctx=settings.context,
+                n_batch=settings.batch,
+                use_mmap=True,
+                use_mlock=settings.mlock,
+                verbose=False,
+            )
+        except ValueError as exc:  # llama-cpp-python's wording for "llama.cpp refused it"
+            raise ModelFileError(
+                f"{path}: llama.cpp could not load the model ({exc}); the file is probably "
+                "truncated or corrupt — download it again and check its sha256") from None
+        except MemoryError as exc:
+            raise ApplianceError(f"{path}: not enough memory to load the model: {exc}",
+                                 ExitCode.TRANSIENT) from None
+        self._llama = llama
+        self._chat_formatter = self._make_chat_formatter(llama)
+        file_type = llama.metadata.get("general.file_type")
+        return ModelFacts(
+            # A model from the store is named by its catalog id, which follows a fallback.
+            id=settings.id or catalog_id_of(path) or settings.model_id,
+            path=str(path),
+            sha256=sha256,
+            size_bytes=path.stat().st_size,
+            quantization=quantization_name(int(file_type) if file_type is not None else None),
+            parameters=int(llama._model.n_params()),
+            context=llama.n_ctx(),
+            context_trained=int(llama._model.n_ctx_train()),
+            threads=settings.threads,
+            load_seconds=round(self._clock() - started, 3),
+            system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        )
+
+    @staticmethod
+    def _make_chat_formatter(llama: Any) -> Callable[..., Any]:
+        from llama_cpp import llama_chat_format
+
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            log.warning("the model has no chat template; using ChatML")
+            return llama_chat_format.format_chatml
+
+        def token_text(token: int) -> str:
+            return llama._model.token_get_text(token) if token != -1 else ""
+
+        # The renderer is llama-cpp-python's sandboxed Jinja2 environment (CVE-2024-34359).
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=token_text(llama.token_eos()),
+            bos_token=token_text(llama.token_bos()),
+            stop_token_ids=[llama.token_eos()],
+        )
+
+    # ---- admission -----------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self._average_request_seconds * (self._waiting + 1)))
+
+    def acquire(self) -> Lease:
+        """Wait for the model, or raise QueueFull / QueueTimeout / NotReady."""
+        with self._condition:
+            if self.state is not EngineState.READY:
+                raise NotReady(self.state.value)
+            if self._busy and self._waiting >= self.limits.queue_size:
+                raise QueueFull(self._retry_after())
+            self._waiting += 1
+            try:
+                started = self._clock()
+                deadline = started + self.limits.queue_timeout_seconds
+                while self._busy and self.state is EngineState.READY:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        raise QueueTimeout(self._clock() - started, self._retry_after())
+                    self._condition.wait(remaining)
+                if self.state is not EngineState.READY:
+                    raise NotReady(self.state.value)
+                self._busy = True
+                self._request_started = self._last_progress = self._clock()
+            finally:
+                self._waiting -= 1
+        return Lease(self)
+
+    def _release(self) -> None:
+        with self._condition:
+            now = self._clock()
+            elapsed = now - self._request_started
+            self._average_request_seconds += 0.2 * (elapsed - self._average_request_seconds)
+            self._busy = False
+            self._last_progress = now
+            self._condition.notify()
+
+    # ---- liveness ------------------------------------------------------------------------
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the engine last showed progress; 0 while idle (nothing is stuck)."""
+        return self._clock() - self._last_progress if self._busy else 0.0
+
+    def is_stalled(self) -> bool:
+        return self.heartbeat_age() > self.limits.stall_seconds
+
+    def shut_down(self) -> None:
+        """Refuse new work and make the running generation end at its next token."""
+        with self._condition:
+            self.state = EngineState.STOPPING
+            self._stop.set()
+            self._condition.notify_all()
+
+    # ---- prompts -------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
+        """Render the chat template and tokenize: (prompt tokens, template stop strings)."""
+        assert self._chat_formatter is not None and self._llama is not None
+        rendered = self._chat_formatter(messages=messages)
+        tokens = self._llama.tokenize(rendered.prompt.encode("utf-8"),
+                                      add_bos=not rendered.added_special, special=True)
+        stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
+        return tokens, tuple(stop for stop in stops if stop)
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self._llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+
+    def token_budget(self, prompt_tokens: int, requested: int) -> int:
+        """Tokens this request may generate; PromptTooLong when the prompt leaves no room."""
+        context = self._llama.n_ctx()
+        if prompt_tokens >= context:
+            raise PromptTooLong(
+                f"the prompt is {prompt_tokens} tokens but the context holds {context} "
+                "(model.context); shorten the prompt or the conversation")
+        return min(requested, context - prompt_tokens)
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def generate(self, lease: Lease, prompt: list[int], sampling: Sampling,
+                 stats: GenerationStats,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """Yield text pieces as they are decoded; `stats` is filled in as it goes.
+
+        Ends early, with finish_reason "cancelled", when the engine shuts down or
+        `cancelled()` turns true (the client went away). The decoding runs on the inference
+        thread; this generator hands its pieces over, and when it is closed early it stops the
+        loop and waits for it, so the lease is never released while llama.cpp still runs.
+        """
+        if lease.released or lease.engine is not self:
+            raise RuntimeError("generate() needs a lease that is held")
+        pieces: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
+        closed = threading.Event()
+
+        def produce() -> None:
+            try:
+                for piece in self._decode(prompt, sampling, stats,
+                                          lambda: closed.is_set() or cancelled()):
+                    pieces.put(piece)
+            except BaseException as exc:  # handed to the caller's thread, raised there
+                pieces.put(exc)
+            finally:
+                pieces.put(None)
+
+        done = self._inference.submit(produce)
+        try:
+            while (item := pieces.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            closed.set()
+            done.result()
+
+    def _decode(self, prompt: list[int], sampling: Sampling, stats: GenerationStats,
+                cancelled: Callable[[], bool]) -> Iterator[str]:
+        llama = self._llama
+        vocab = llama._model.vocab
+        from llama_cpp import llama_cpp
+
+        if sampling.seed is not None:
+            llama.set_seed(sampling.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        started = self._clock()
+        first_token_at: float | None = None
+        tokens = llama.generate(
+            prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+            temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+        )
+        try:
+            for token in tokens:
+                now = self._clock()
+                self._last_progress = now
+                if first_token_at is None:
+                    first_token_at = now
+                    stats.time_to_first_token = now - started
+                if not sampling.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
+                    stats.finish_reason = "stop"
+                    break
+                stats.completion_tokens += 1
+                stats.decode_seconds = now - first_token_at
+                pending += decoder.decode(llama.detokenize([token]))
+                hit = min((pending.find(stop) for stop in sampling.stop if stop in pending),
+                          default=-1)
+                if hit >= 0:
+                    pending = pending[:hit]
+                    stats.finish_reason = "stop"
+                    break
+                keep = _held_back(pending, sampling.stop)
+                if len(pending) > keep:
+                    yield pending[: len(pending) - keep]
+                    pending = pending[len(pending) - keep:]
+                if stats.completion_tokens >= sampling.max_tokens:
+                    break
+                if self._stop.is_set() or cancelled():
+                    stats.finish_reason = "cancelled"
+                    break
+            pending += decoder.decode(b"", final=True)
+            if pending:
+                yield pending
+        finally:
+            tokens.close()

@@ -1,0 +1,93 @@
+"""Small helpers every layer uses: durable writes, checksums, JSON state files, timestamps,
+byte counts for people, the service's /health, and a command-line parser with sysexits' usage
+code. Standard library only, so that any module may import it."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, NoReturn
+
+from appliance.exitcodes import ExitCode
+
+HASH_CHUNK_BYTES = 4 * 1024 * 1024
+# The names a client may use for this machine itself.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# The appliance's own service is never asked through a proxy, whatever http_proxy says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` so that a crash leaves either the old or the new content."""
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_file(path: Path) -> dict[str, Any] | None:
+    """A JSON state file (the verdict, the fallback history), or None if absent or unreadable."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def human_bytes(size: float) -> str:
+    """GB from 0.1 GB up, so that model sizes and memory budgets compare in one unit."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def fetch_health(url: str, timeout: float = 10) -> dict[str, Any]:
+    """The /health body of the service at `url`, whatever its status code (503 still describes
+    the service). Raises OSError when nothing answers, ValueError when the answer is not JSON."""
+    try:
+        with _DIRECT.open(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        return json.load(error)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with sysexits' code for a usage error instead of argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
