@@ -30,7 +30,7 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check appliance tests scripts benchmarks images
+	$(VENV)/bin/ruff check appliance tests scripts benchmarks testbed
 
 ## virtual-pi: boot a virtual Raspberry Pi 5 on this machine (as root; see testbed/README.md)
 virtual-pi:

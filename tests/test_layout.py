@@ -102,7 +102,7 @@ def test_the_packaged_units_name_the_layout():
                       f"--config {layout.CONFIG_FILE}", f"api-key:{layout.API_KEY_FILE}",
                       f"StateDirectory={layout.STATE_DIR.name}"):
             assert value in text, f"{unit}: {value}"
-    assert layout.STATE_DIR == Path("/var/lib") / layout.STATE_DIR.name
+    assert Path("/var/lib") / layout.STATE_DIR.name == layout.STATE_DIR
     assert layout.CONFIG_FILE.parent == Path("/etc") / layout.SERVICE_USER
 
 

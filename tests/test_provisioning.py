@@ -10,21 +10,27 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's ansible-playbook, ansible-lint
+ROLES = sorted(path.name for path in (REPOSITORY / "roles").iterdir())
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PROVISIONED_SLOT = 97
+COLLECTION_SLOT = 96
 FOREIGN_DISK_SLOT = 98
 
 
-def ansible_playbook(inventory: Path, *args: str) -> subprocess.CompletedProcess:
+def ansible_playbook(inventory: Path, *args: str,
+                     cwd: Path = REPOSITORY) -> subprocess.CompletedProcess:
     started = time.monotonic()
     result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), *args], cwd=REPOSITORY,
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), *args], cwd=cwd,
         capture_output=True, text=True, timeout=3600, check=False,
         env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "ANSIBLE_NOCOLOR": "1",
              "HOME": str(Path.home())})
@@ -77,16 +83,38 @@ def test_the_roles_and_playbooks_pass_ansible_lint_production():
     assert "Profile 'production' was required, and it passed" in result.stderr
 
 
-# A fresh virtual Pi 5, provisioned -------------------------------------------------------------
+# A fresh virtual Pi 5, provisioned once -------------------------------------------------------
+@dataclass
+class Provisioned:
+    """A Pi taken through check mode, a converge and a second run, with what each printed."""
+
+    instance: Any
+    inventory: Path
+    check: subprocess.CompletedProcess
+    untouched_by_check: tuple[str, str]  # our directories, the drive's signature after --check
+    first: subprocess.CompletedProcess
+    second: subprocess.CompletedProcess
+
+    @property
+    def name(self) -> str:
+        return self.instance.name
+
+
 @pytest.fixture(scope="module")
-def pi(virtual_pi_host, tmp_path_factory):
-    """A fresh virtual Pi 5 8GB with a blank NVMe drive, and its inventory."""
+def pi(virtual_pi_host, tmp_path_factory) -> Iterator[Provisioned]:
+    """A fresh virtual Pi 5 8GB with a blank NVMe drive, provisioned once and handed to every
+    check that only looks at it, whatever order they run in."""
     from virtualpi.instance import Instance, Options
 
     instance = Instance(PROVISIONED_SLOT)
     instance.up(Options(fresh=True, board="pi5-8gb", nvme="blank"))
-    instance.inventory = write_inventory(tmp_path_factory.mktemp("inventory"), PROVISIONED_SLOT)
-    yield instance
+    inventory = write_inventory(tmp_path_factory.mktemp("inventory"), PROVISIONED_SLOT)
+    check = ansible_playbook(inventory, "site.yml", "--check")
+    untouched = (on_pi(instance, "ls /opt /etc | grep -c pi-llm-appliance || true").strip(),
+                 on_pi(instance, "blkid -p -o export /dev/nvme0n1 || true"))
+    first = ansible_playbook(inventory, "site.yml")
+    second = ansible_playbook(inventory, "site.yml")
+    yield Provisioned(instance, inventory, check, untouched, first, second)
     instance.down()
 
 
@@ -96,34 +124,33 @@ def host(pi):
     import testinfra
 
     return testinfra.get_host(
-        f"ssh://pi@{pi.address}", ssh_identity_file=str(pi.key), sudo=True,
-        ssh_extra_args=f"-o UserKnownHostsFile={pi.known_hosts} -o StrictHostKeyChecking=yes")
+        f"ssh://pi@{pi.instance.address}", ssh_identity_file=str(pi.instance.key), sudo=True,
+        ssh_extra_args=f"-o UserKnownHostsFile={pi.instance.known_hosts} "
+                       "-o StrictHostKeyChecking=yes")
 
 
 @pytest.mark.virtual_pi
 def test_check_mode_on_a_fresh_pi_fails_nothing_and_changes_nothing(pi):
-    result = ansible_playbook(pi.inventory, "site.yml", "--check")
-    assert result.returncode == 0, result.stdout[-5000:]
-    assert recap(result.stdout, pi.name)["failed"] == 0
-    assert on_pi(pi, "ls /opt /etc | grep -c pi-llm-appliance || true").strip() == "0"
-    assert "TYPE=" not in on_pi(pi, "blkid -p -o export /dev/nvme0n1 || true")
+    assert pi.check.returncode == 0, pi.check.stdout[-5000:]
+    assert recap(pi.check.stdout, pi.name)["failed"] == 0
+    ours, drive = pi.untouched_by_check
+    assert ours == "0"
+    assert "TYPE=" not in drive
 
 
 @pytest.mark.virtual_pi
 def test_site_yml_turns_a_fresh_pi_into_a_verified_appliance(pi):
-    result = ansible_playbook(pi.inventory, "site.yml")
-    assert result.returncode == 0, result.stdout[-5000:]
-    assert recap(result.stdout, pi.name)["failed"] == 0
+    assert pi.first.returncode == 0, pi.first.stdout[-5000:]
+    assert recap(pi.first.stdout, pi.name)["failed"] == 0
     # The play ends with the per-host summary table.
     assert re.search(rf"{pi.name}\s+ok\s+pass\s+\d+\.\d\d\s+1\.0\s+\S+\s+"
-                     r"smollm2-135m-instruct-q4_1", result.stdout), result.stdout[-3000:]
+                     r"smollm2-135m-instruct-q4_1", pi.first.stdout), pi.first.stdout[-3000:]
 
 
 @pytest.mark.virtual_pi
 def test_a_second_run_changes_nothing(pi):
-    result = ansible_playbook(pi.inventory, "site.yml")
-    assert result.returncode == 0, result.stdout[-5000:]
-    assert recap(result.stdout, pi.name)["changed"] == 0, result.stdout[-8000:]
+    assert pi.second.returncode == 0, pi.second.stdout[-5000:]
+    assert recap(pi.second.stdout, pi.name)["changed"] == 0, pi.second.stdout[-8000:]
 
 
 @pytest.mark.virtual_pi
@@ -172,7 +199,7 @@ def test_the_nvme_drive_is_mounted_by_uuid_and_swap_stays_off_the_sd_card(pi, ho
 
 @pytest.mark.virtual_pi
 def test_health_says_ok_with_the_verification_passed_at_the_virtual_pis_target(pi):
-    body = health(pi)
+    body = health(pi.instance)
     assert body["status"] == "ok"
     assert body["model"]["id"] == "smollm2-135m-instruct-q4_1"
     assert body["model"]["sha256"] == SMOLLM2_SHA256
@@ -194,7 +221,7 @@ def test_a_rolling_upgrade_is_gated_by_verification(pi):
 
 @pytest.mark.virtual_pi
 def test_a_bad_inventory_variable_fails_preflight_and_changes_nothing(pi):
-    before = health(pi)["instance_id"]
+    before = health(pi.instance)["instance_id"]
     result = ansible_playbook(pi.inventory, "site.yml", "--tags", "service",
                               "-e", "service_port=eighty")
     assert result.returncode != 0
@@ -202,19 +229,19 @@ def test_a_bad_inventory_variable_fails_preflight_and_changes_nothing(pi):
             in result.stdout)
     assert "Check every role's variables" in result.stdout
     assert recap(result.stdout, pi.name)["changed"] == 0
-    assert health(pi)["instance_id"] == before  # the service was not touched
+    assert health(pi.instance)["instance_id"] == before  # the service was not touched
 
 
 @pytest.mark.virtual_pi
 def test_a_value_the_service_rejects_keeps_the_old_config_and_service(pi):
-    config = on_pi(pi, "cat /etc/pi-llm-appliance/appliance.toml")
-    before = health(pi)["instance_id"]
+    config = on_pi(pi.instance, "cat /etc/pi-llm-appliance/appliance.toml")
+    before = health(pi.instance)["instance_id"]
     result = ansible_playbook(pi.inventory, "site.yml", "--tags", "service",
                               "-e", "service_port=70000")
     assert result.returncode != 0
     assert "server.port = 70000" in result.stdout  # pi-appliance config check's words
-    assert on_pi(pi, "cat /etc/pi-llm-appliance/appliance.toml") == config
-    assert health(pi)["instance_id"] == before
+    assert on_pi(pi.instance, "cat /etc/pi-llm-appliance/appliance.toml") == config
+    assert health(pi.instance)["instance_id"] == before
 
 
 @pytest.mark.virtual_pi
@@ -235,7 +262,55 @@ def test_a_drive_that_holds_a_filesystem_is_never_wiped(virtual_pi_host, tmp_pat
         instance.down()
 
 
-ROLES = sorted(path.name for path in (REPOSITORY / "roles").iterdir())
+def galaxy(*args: str, cwd: Path) -> None:
+    subprocess.run([str(BIN / "ansible-galaxy"), *args], cwd=cwd, check=True,
+                   capture_output=True, text=True, env={"PATH": f"{BIN}:/usr/bin:/bin",
+                                                        "HOME": str(Path.home())})
+
+
+def test_the_collection_installs_from_the_git_repository(tmp_path):
+    # What an IT team types: the repository's URL (here a file:// one), no checkout of ours.
+    galaxy("collection", "install", f"git+file://{REPOSITORY}", "-p", "collections",
+           cwd=tmp_path)
+    installed = tmp_path / "collections/ansible_collections/pi_llm/appliance"
+    assert sorted(path.name for path in (installed / "roles").iterdir()) == ROLES
+    assert (installed / "appliance/data/layout.json").is_file()  # what the roles read
+    assert not (installed / "tests").exists() and not (installed / "testbed").exists()
+
+
+@pytest.mark.virtual_pi
+def test_the_collection_in_another_project_provisions_a_pi_on_another_port(
+        virtual_pi_host, tmp_path):
+    """Built and installed into a project outside the checkout, the collection provisions a Pi
+    whose service listens on 9000, and its verification polls 9000 (it used to poll 8080 and
+    fail after half an hour)."""
+    from virtualpi.instance import Instance, Options
+
+    galaxy("collection", "build", str(REPOSITORY), "--output-path", str(tmp_path / "dist"),
+           cwd=tmp_path)
+    project = tmp_path / "project"
+    (project / "inventory/group_vars").mkdir(parents=True)
+    [tarball] = (tmp_path / "dist").glob("pi_llm-appliance-*.tar.gz")
+    galaxy("collection", "install", str(tarball), "-p", "collections", cwd=project)
+    (project / "ansible.cfg").write_text("[ssh_connection]\npipelining = true\n")
+    (project / "site.yml").write_text("- name: Our appliances\n"
+                                      "  ansible.builtin.import_playbook: pi_llm.appliance.site\n")
+    (project / "inventory/group_vars/appliances.yml").write_text("service_port: 9000\n")
+    inventory = write_inventory(project / "inventory", COLLECTION_SLOT)
+    instance = Instance(COLLECTION_SLOT)
+    instance.up(Options(fresh=True, nvme="blank"))
+    try:
+        result = ansible_playbook(inventory, "site.yml", cwd=project)
+        assert result.returncode == 0, result.stdout[-5000:]
+        assert re.search(rf"{instance.name}\s+ok\s+pass\s", result.stdout), result.stdout[-3000:]
+        body = json.loads(on_pi(instance, "curl -s http://127.0.0.1:9000/health"))
+        assert body["status"] == "ok" and body["verification"]["result"] == "pass"
+        assert on_pi(instance, "curl -s -o /dev/null -w '%{http_code}' "
+                               "http://127.0.0.1:8080/health || true") == "000"
+    finally:
+        instance.down()
+
+
 
 
 @pytest.mark.parametrize("role", ROLES)
