@@ -10,7 +10,6 @@ from pathlib import Path
 _LAYOUT = json.loads((resources.files("appliance") / "data/layout.json").read_text())
 
 SERVICE_USER: str = _LAYOUT["user"]
-PREFIX = Path(_LAYOUT["prefix"])
 VENV = Path(_LAYOUT["venv"])
 CONFIG_FILE = Path(_LAYOUT["config_file"])
 API_KEY_FILE = Path(_LAYOUT["api_key_file"])

@@ -143,11 +143,12 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class Engine:
-    def __init__(self, model: ModelSettings, limits: LimitsSettings, cache_dir: Path | None,
+    def __init__(self, model: ModelSettings, limits: LimitsSettings, state_dir: Path | None,
                  clock: Callable[[], float] = time.monotonic):
         self.model_settings = model
         self.limits = limits
-        self._cache_dir = cache_dir
+        # Where the model's checksum is cached when its own directory is read-only.
+        self._state_dir = state_dir
         self._clock = clock
         self._llama: Any = None
         self._chat_formatter: Callable[..., Any] | None = None
@@ -191,7 +192,7 @@ class Engine:
         self.status_line = f"checking {path.name}"
         read_gguf_header(path)
         self.status_line = f"computing sha256 of {path.name}"
-        sha256 = verify_sha256(path, settings.sha256, self._cache_dir)
+        sha256 = verify_sha256(path, settings.sha256, self._state_dir)
         self.status_line = f"loading {path.name}"
         from llama_cpp import Llama, llama_cpp  # deferred: importing loads the native library
 
