@@ -249,17 +249,24 @@ def test_port_in_use_is_a_transient_failure(start_server, model_path):
     assert "already in use" in result.stderr
 
 
-def test_health_command_exit_codes(start_server):
+def test_health_command_finds_the_service_from_its_config_and_exits_by_what_it_found(
+        start_server):
     server = start_server()
     server.wait_ready()
-    command = [sys.executable, "-m", "appliance.cli", "health", "--url", server.url + "/health"]
-    ok = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    # No --url: the service's own configuration says where it listens (here a random port).
+    command = [sys.executable, "-m", "appliance.cli", "health", "--config", str(server.config)]
+    ok = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                        env={**os.environ, "http_proxy": "http://127.0.0.1:9"})  # never used
     assert ok.returncode == 0, ok.stdout
     assert ok.stdout.startswith("ok model=SmolLM2-135M-Instruct.Q4_1 (Q4_1")
+    shown = json.loads(subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "config", "show", str(server.config)],
+        capture_output=True, text=True, timeout=30, check=True).stdout)
+    assert shown["local_url"] == server.url and shown["server"]["port"] == server.port
     server.stop()
-    gone = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    gone = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=30)
     assert gone.returncode == ExitCode.UNREACHABLE
-    assert gone.stdout.startswith("unreachable")
+    assert json.loads(gone.stdout)["status"] == "unreachable"
 
 
 def test_api_key_from_file_protects_the_live_server(start_server, tmp_path):
