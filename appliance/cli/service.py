@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from appliance.cli.options import add_config, add_json
-from appliance.exitcodes import ExitCode
+from appliance.exitcodes import ConfigError, ExitCode
 from appliance.settings import (
     ModelSettings,
     ServerSettings,
@@ -86,7 +86,11 @@ def _service_url(args: argparse.Namespace) -> str:
     path = config_path_from_env(args.config)
     if args.config is None and not path.exists():
         return ServerSettings().local_url
-    return validate(read_config_file(path), str(path)).server.local_url
+    try:
+        return validate(read_config_file(path), str(path)).server.local_url
+    except ConfigError as error:
+        raise ConfigError(f"{error}; it says where the service listens: run this as root or "
+                          "as the service's user, or give --url") from None
 
 
 def _health(args: argparse.Namespace) -> int:
