@@ -216,7 +216,7 @@ def test_a_rolling_upgrade_is_gated_by_verification(pi):
     assert result.returncode == 0, result.stdout[-5000:]
     assert recap(result.stdout, pi.name)["changed"] == 0  # nothing new to roll out
     assert "Verify before the next batch" in result.stdout
-    assert "TASK [verify : Fail a host below target]" in result.stdout
+    assert "TASK [pi_llm.appliance.verify : Fail a host below target]" in result.stdout
 
 
 @pytest.mark.virtual_pi

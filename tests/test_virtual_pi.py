@@ -21,7 +21,7 @@ from appliance.control import llamacpp
 pytestmark = pytest.mark.virtual_pi
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-VIRTUAL_PI = REPOSITORY / "images" / "virtual-pi"
+VIRTUAL_PI = REPOSITORY / "testbed" / "virtual-pi"
 
 NEON_PROGRAM = r"""
 #include <arm_neon.h>
@@ -257,15 +257,18 @@ def test_cross_built_llama_cpp_runs_as_a_cortex_a76_with_neon_and_dotprod(
 
 
 def test_the_appliance_detects_a_pi5_8gb_with_nvme_in_the_virtual_pi(virtual_pi):
+    # The detector and what it imports, nothing else: it runs on a bare Pi before provisioning.
     package = REPOSITORY / "appliance"
-    virtual_pi.ssh("mkdir -p /tmp/detector/appliance")
-    subprocess.run(
-        ["scp", "-q", "-i", str(virtual_pi.key), "-o",
-         f"UserKnownHostsFile={virtual_pi.known_hosts}",
-         *(str(package / name) for name in ("__init__.py", "hardware.py", "detect.py")),
-         f"pi@{virtual_pi.address}:/tmp/detector/appliance/"],
-        check=True,
-    )
+    virtual_pi.ssh("mkdir -p /tmp/detector/appliance/hardware")
+    for folder, names in (("", ["__init__.py"]),
+                          ("hardware", ["__init__.py", "sysfs.py", "detect.py"])):
+        subprocess.run(
+            ["scp", "-q", "-i", str(virtual_pi.key), "-o",
+             f"UserKnownHostsFile={virtual_pi.known_hosts}",
+             *(str(package / folder / name) for name in names),
+             f"pi@{virtual_pi.address}:/tmp/detector/appliance/{folder}"],
+            check=True,
+        )
     script = ("import json; from appliance.hardware.detect import detect; "
               "print(json.dumps(detect()))")
     report = json.loads(virtual_pi.ssh(f"cd /tmp/detector && python3 -c '{script}'").stdout)
