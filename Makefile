@@ -5,9 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run demo test lint clean virtual-pi virtual-pi-ssh virtual-pi-down
+.PHONY: setup debian-packages run demo test lint clean virtual-pi virtual-pi-ssh virtual-pi-down
 
-setup: $(STAMP)
+setup: debian-packages $(STAMP)
+
+# Cheap when nothing is missing: a dpkg query per package.
+debian-packages:
+	scripts/install-debian-packages
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
