@@ -319,6 +319,21 @@ def validate(data: dict[str, Any], source: str) -> Settings:
         raise ConfigError(_format_errors(source, exc)) from None
 
 
+def read_settings(path: Path) -> Settings:
+    """The file at `path`, read and validated."""
+    return validate(read_config_file(path), str(path))
+
+
+def configured_settings(explicit: Path | None) -> Settings | None:
+    """The appliance's configuration, for a command that can do without one: the file named
+    (--config or $PI_APPLIANCE_CONFIG, which must then exist), else the default file when it
+    exists, else None."""
+    path = config_path_from_env(explicit)
+    if explicit is None and not os.environ.get(CONFIG_ENV_VAR) and not path.exists():
+        return None
+    return read_settings(path)
+
+
 def load_settings(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None,
                   *, require_file: bool = True) -> Settings:
     """Read and validate the configuration; a missing default file is fine with overrides."""

@@ -34,18 +34,15 @@ from appliance.settings import (
     ModelSettings,
     PathSettings,
     VerifySettings,
-    config_path_from_env,
-    read_config_file,
-    validate,
+    configured_settings,
 )
 
 
 def _planning_inputs(args: argparse.Namespace) -> argparse.Namespace:
     """What the plan is for: the options given, else the appliance's configuration (the context it
     serves, the depth and target its verification uses, its directories), else the defaults."""
-    path = config_path_from_env(args.config)
-    if args.config is not None or path.exists():
-        settings = validate(read_config_file(path), str(path))
+    settings = configured_settings(args.config)
+    if settings:
         model, verify, paths = settings.model, settings.verify, settings.paths
     else:
         model, verify, paths = None, VerifySettings(), PathSettings()

@@ -18,10 +18,9 @@ from appliance.exitcodes import ConfigError, ExitCode
 from appliance.settings import (
     ModelSettings,
     ServerSettings,
-    config_path_from_env,
+    configured_settings,
     load_settings,
-    read_config_file,
-    validate,
+    read_settings,
 )
 from appliance.util import fetch_health
 
@@ -46,14 +45,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    settings = validate(read_config_file(args.path), str(args.path))
+    settings = read_settings(args.path)
     print(f"{args.path}: ok (model {settings.model.path}, "
           f"listening on {settings.server.host}:{settings.server.port})")
     return ExitCode.OK
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    settings = validate(read_config_file(args.path), str(args.path))
+    settings = read_settings(args.path)
     shown = settings.model_dump(mode="json") | {"local_url": settings.server.local_url}
     print(json.dumps(shown, indent=2))
     return ExitCode.OK
@@ -83,14 +82,12 @@ def _service_url(args: argparse.Namespace) -> str:
     """--url, else where the configuration says the service listens, else the default address."""
     if args.url:
         return args.url.removesuffix("/health")
-    path = config_path_from_env(args.config)
-    if args.config is None and not path.exists():
-        return ServerSettings().local_url
     try:
-        return validate(read_config_file(path), str(path)).server.local_url
+        settings = configured_settings(args.config)
     except ConfigError as error:
         raise ConfigError(f"{error}; it says where the service listens: run this as root or "
                           "as the service's user, or give --url") from None
+    return (settings.server if settings else ServerSettings()).local_url
 
 
 def _health(args: argparse.Namespace) -> int:
