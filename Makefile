@@ -24,7 +24,7 @@ run: setup
 	$(PY) testbed/virtual-pi up
 	$(PY) testbed/virtual-pi inventory 0 > inventory/virtual-pi.yml
 	$(VENV)/bin/ansible-playbook site.yml -i inventory/virtual-pi.yml
-	$(PY) testbed/virtual-pi ssh -- sudo /opt/pi-llm-appliance/venv/bin/pi-appliance health
+	$(PY) testbed/virtual-pi ssh --root -- /opt/pi-llm-appliance/venv/bin/pi-appliance health
 
 ## demo: serve the bundled small model on this machine (no Pi) and show a completion
 demo: setup

@@ -1,6 +1,8 @@
-"""`ansible-playbook site.yml` against a fresh virtual Raspberry Pi 5: check mode, converge, a
-second run that changes nothing, the result checked over SSH (testinfra) and through /health,
-and the refusals: a bad inventory variable, a bad configuration value, a disk holding data."""
+"""`ansible-playbook site.yml` against fresh virtual Raspberry Pi 5s. On today's Raspberry Pi OS
+(Trixie, whose sudo asks for the password): check mode, converge, a second run that changes
+nothing, the result checked over SSH (testinfra) and through /health, and the refusals: a bad
+inventory variable, a bad configuration value, a disk holding data, an unsupported release, no
+sudo password. On Bookworm: a converge to /health ok."""
 
 from __future__ import annotations
 
@@ -24,18 +26,25 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 PROVISIONED_SLOT = 97
 COLLECTION_SLOT = 96
 FOREIGN_DISK_SLOT = 98
+BOOKWORM_SLOT = 94
 
 
-def ansible_playbook(inventory: Path, *args: str,
-                     cwd: Path = REPOSITORY) -> subprocess.CompletedProcess:
+def ansible_playbook(inventory: Path, *args: str, cwd: Path = REPOSITORY,
+                     newest: bool = False) -> subprocess.CompletedProcess:
+    """Run ansible-playbook from the project's virtualenv (ansible-core 2.19, the oldest release
+    still maintained), or with `newest` on the Debian 13 control machine (the newest release)."""
+    from virtualpi import controller
+
+    argv = ["ansible-playbook", "-i", str(inventory), *args]
+    command = controller.command(*argv, cwd=cwd) if newest else [str(BIN / argv[0]), *argv[1:]]
     started = time.monotonic()
     result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), *args], cwd=cwd,
-        capture_output=True, text=True, timeout=3600, check=False,
+        command, cwd=cwd, capture_output=True, text=True, timeout=3600, check=False,
         env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "ANSIBLE_NOCOLOR": "1",
              "HOME": str(Path.home())})
-    print(f"ansible-playbook {' '.join(args)}: exit {result.returncode} in "
-          f"{time.monotonic() - started:.0f} s\n{recap_line(result.stdout)}")
+    print(f"ansible-playbook {' '.join(args)} ({'newest' if newest else 'oldest'} ansible-core): "
+          f"exit {result.returncode} in {time.monotonic() - started:.0f} s\n"
+          f"{recap_line(result.stdout)}")
     return result
 
 
@@ -58,8 +67,9 @@ def write_inventory(directory: Path, slot: int) -> Path:
     return inventory
 
 
-def on_pi(instance, command: str) -> str:
-    return instance.ssh("sudo", "sh", "-c", shlex.quote(command)).stdout
+def on_pi(instance, command: str, check: bool = True) -> str:
+    """Run a shell command on the Pi as root (the testbed's own key, not pi's sudo)."""
+    return instance.ssh("sh", "-c", shlex.quote(command), user="root", check=check).stdout
 
 
 def health(instance) -> dict:
@@ -83,6 +93,26 @@ def test_the_roles_and_playbooks_pass_ansible_lint_production():
     assert "Profile 'production' was required, and it passed" in result.stderr
 
 
+@pytest.mark.virtual_pi
+def test_the_tests_run_the_newest_ansible_core_and_the_oldest_still_maintained(
+        virtual_pi_host):
+    """constraints.txt pins both: the newest for the Trixie converge (on the Debian 13 control
+    machine), the oldest maintained in the project's virtualenv (Bookworm, the collection)."""
+    from virtualpi import controller
+
+    pins = dict(re.findall(r'(?m)^ansible-core==(\S+); python_version ([<>=]+ "3.12")',
+                           (REPOSITORY / "constraints.txt").read_text()))
+    newest, oldest = pins['>= "3.12"'], pins['< "3.12"']
+    assert controller.ansible_version().startswith(f"ansible-playbook [core {newest}]")
+    ours = subprocess.run([str(BIN / "ansible-playbook"), "--version"], capture_output=True,
+                          text=True, check=True).stdout
+    assert ours.startswith(f"ansible-playbook [core {oldest}]")
+    syntax = subprocess.run(controller.command(
+        "ansible-playbook", "--syntax-check", "-i", "inventory/example/hosts.yml", "site.yml"),
+        capture_output=True, text=True, check=False)
+    assert syntax.returncode == 0, syntax.stdout + syntax.stderr
+
+
 # A fresh virtual Pi 5, provisioned once -------------------------------------------------------
 @dataclass
 class Provisioned:
@@ -99,21 +129,27 @@ class Provisioned:
     def name(self) -> str:
         return self.instance.name
 
+    def playbook(self, *args: str, inventory: Path | None = None) -> subprocess.CompletedProcess:
+        """Another run, with the ansible-core that converged the Pi (its wheel bytes are that
+        control machine's)."""
+        return ansible_playbook(inventory or self.inventory, *args, newest=True)
+
 
 @pytest.fixture(scope="module")
 def pi(virtual_pi_host, tmp_path_factory) -> Iterator[Provisioned]:
-    """A fresh virtual Pi 5 8GB with a blank NVMe drive, provisioned once and handed to every
-    check that only looks at it, whatever order they run in."""
+    """A fresh virtual Pi 5 8GB on Trixie with a blank NVMe drive, provisioned once with the
+    newest ansible-core and handed to every check that only looks at it, whatever order they
+    run in."""
     from virtualpi.instance import Instance, Options
 
     instance = Instance(PROVISIONED_SLOT)
     instance.up(Options(fresh=True, board="pi5-8gb", nvme="blank"))
     inventory = write_inventory(tmp_path_factory.mktemp("inventory"), PROVISIONED_SLOT)
-    check = ansible_playbook(inventory, "site.yml", "--check")
+    check = ansible_playbook(inventory, "site.yml", "--check", newest=True)
     untouched = (on_pi(instance, "ls /opt /etc | grep -c pi-llm-appliance || true").strip(),
                  on_pi(instance, "blkid -p -o export /dev/nvme0n1 || true"))
-    first = ansible_playbook(inventory, "site.yml")
-    second = ansible_playbook(inventory, "site.yml")
+    first = ansible_playbook(inventory, "site.yml", newest=True)
+    second = ansible_playbook(inventory, "site.yml", newest=True)
     yield Provisioned(instance, inventory, check, untouched, first, second)
     instance.down()
 
@@ -124,7 +160,7 @@ def host(pi):
     import testinfra
 
     return testinfra.get_host(
-        f"ssh://pi@{pi.instance.address}", ssh_identity_file=str(pi.instance.key), sudo=True,
+        f"ssh://root@{pi.instance.address}", ssh_identity_file=str(pi.instance.key),
         ssh_extra_args=f"-o UserKnownHostsFile={pi.instance.known_hosts} "
                        "-o StrictHostKeyChecking=yes")
 
@@ -142,6 +178,7 @@ def test_check_mode_on_a_fresh_pi_fails_nothing_and_changes_nothing(pi):
 def test_site_yml_turns_a_fresh_pi_into_a_verified_appliance(pi):
     assert pi.first.returncode == 0, pi.first.stdout[-5000:]
     assert recap(pi.first.stdout, pi.name)["failed"] == 0
+    assert "Raspberry Pi OS Trixie (trixie), Python 3.13" in pi.first.stdout
     # The play ends with the per-host summary table.
     assert re.search(rf"{pi.name}\s+ok\s+pass\s+\d+\.\d\d\s+1\.0\s+\S+\s+"
                      r"smollm2-135m-instruct-q4_1", pi.first.stdout), pi.first.stdout[-3000:]
@@ -174,16 +211,10 @@ def test_the_service_runs_hardened_with_a_verified_model(pi, host):
     assert "NEON = 1" in host.check_output("/opt/pi-llm-appliance/llama.cpp/bin/llama-system-info")
 
 
-@pytest.mark.virtual_pi
-def test_the_nvme_drive_is_mounted_by_uuid_and_swap_stays_off_the_sd_card(pi, host):
-    mount = host.check_output("findmnt --noheadings --output SOURCE,FSTYPE "
-                              "--mountpoint /var/lib/pi-llm-appliance").split()
-    assert mount == ["/dev/nvme0n1", "ext4"]
-    uuid = host.check_output("blkid -s UUID -o value /dev/nvme0n1")
-    unit = host.file("/etc/systemd/system/var-lib-pi\\x2dllm\\x2dappliance.mount")
-    assert f"What=UUID={uuid}" in unit.content_string
-    swap_unit = host.file("/etc/systemd/system/var-lib-pi\\x2dllm\\x2dappliance-swapfile.swap")
-    assert "What=/var/lib/pi-llm-appliance/swapfile" in swap_unit.content_string
+SWAP_UNIT = "var-lib-pi\\x2dllm\\x2dappliance-swapfile.swap"
+
+
+def assert_swap_file_sized_from_the_budget(host) -> None:
     assert host.check_output("findmnt --noheadings --output SOURCE --target "
                              "/var/lib/pi-llm-appliance/swapfile") == "/dev/nvme0n1"
     swapfile = host.file("/var/lib/pi-llm-appliance/swapfile")
@@ -194,7 +225,38 @@ def test_the_nvme_drive_is_mounted_by_uuid_and_swap_stays_off_the_sd_card(pi, ho
     beside_the_model = (budget["os_reserve_bytes"] + budget["runtime_overhead_bytes"]
                         + budget["safety_margin_bytes"]) // 2**20
     assert swapfile.size == min(max(beside_the_model, 512), 4096) * 2**20
-    assert not host.service("dphys-swapfile").is_enabled
+
+
+@pytest.mark.virtual_pi
+def test_the_nvme_drive_is_mounted_by_uuid(pi, host):
+    mount = host.check_output("findmnt --noheadings --output SOURCE,FSTYPE "
+                              "--mountpoint /var/lib/pi-llm-appliance").split()
+    assert mount == ["/dev/nvme0n1", "ext4"]
+    uuid = host.check_output("blkid -s UUID -o value /dev/nvme0n1")
+    unit = host.file("/etc/systemd/system/var-lib-pi\\x2dllm\\x2dappliance.mount")
+    assert f"What=UUID={uuid}" in unit.content_string
+
+
+@pytest.mark.virtual_pi
+def test_swap_is_rpi_swaps_own_on_nvme_and_in_effect_in_the_same_run(pi, host):
+    """On Trixie swap is what rpi-swap makes from our drop-in: a file on NVMe, no second swap of
+    ours beside it, and systemd already runs the units of the new configuration (rpi-swap's
+    zram of the fresh image is gone, not waiting for a reboot)."""
+    drop_in = host.file("/etc/rpi/swap.conf.d/90-pi-llm-appliance.conf").content_string
+    assert "Mechanism=swapfile" in drop_in
+    assert "Path=/var/lib/pi-llm-appliance/swapfile" in drop_in
+    assert_swap_file_sized_from_the_budget(host)
+    size_mib = host.file("/var/lib/pi-llm-appliance/swapfile").size // 2**20
+    assert f"FixedSizeMiB={size_mib}" in drop_in
+    unit = dict(line.split("=", 1) for line in host.check_output(
+        f"systemctl show {SWAP_UNIT} -p FragmentPath -p What -p LoadState").splitlines())
+    assert unit == {"FragmentPath": f"/run/systemd/generator/{SWAP_UNIT}",
+                    "What": "/var/lib/pi-llm-appliance/swapfile", "LoadState": "loaded"}
+    assert SWAP_UNIT in host.check_output("systemctl list-dependencies --plain swap.target")
+    assert host.check_output("systemctl show dev-zram0.swap -p LoadState") == \
+        "LoadState=not-found"
+    assert not host.file(f"/etc/systemd/system/{SWAP_UNIT}").exists
+    assert not host.file("/etc/systemd/zram-generator.conf").exists
 
 
 @pytest.mark.virtual_pi
@@ -212,7 +274,7 @@ def test_health_says_ok_with_the_verification_passed_at_the_virtual_pis_target(p
 
 @pytest.mark.virtual_pi
 def test_a_rolling_upgrade_is_gated_by_verification(pi):
-    result = ansible_playbook(pi.inventory, "playbooks/upgrade.yml")
+    result = pi.playbook("playbooks/upgrade.yml")
     assert result.returncode == 0, result.stdout[-5000:]
     assert recap(result.stdout, pi.name)["changed"] == 0  # nothing new to roll out
     assert "Verify before the next batch" in result.stdout
@@ -222,8 +284,7 @@ def test_a_rolling_upgrade_is_gated_by_verification(pi):
 @pytest.mark.virtual_pi
 def test_a_bad_inventory_variable_fails_preflight_and_changes_nothing(pi):
     before = health(pi.instance)["instance_id"]
-    result = ansible_playbook(pi.inventory, "site.yml", "--tags", "service",
-                              "-e", "service_port=eighty")
+    result = pi.playbook("site.yml", "--tags", "service", "-e", "service_port=eighty")
     assert result.returncode != 0
     assert ("argument 'service_port' is of type str and we were unable to convert to int"
             in result.stdout)
@@ -236,12 +297,81 @@ def test_a_bad_inventory_variable_fails_preflight_and_changes_nothing(pi):
 def test_a_value_the_service_rejects_keeps_the_old_config_and_service(pi):
     config = on_pi(pi.instance, "cat /etc/pi-llm-appliance/appliance.toml")
     before = health(pi.instance)["instance_id"]
-    result = ansible_playbook(pi.inventory, "site.yml", "--tags", "service",
-                              "-e", "service_port=70000")
+    result = pi.playbook("site.yml", "--tags", "service", "-e", "service_port=70000")
     assert result.returncode != 0
     assert "server.port = 70000" in result.stdout  # pi-appliance config check's words
     assert on_pi(pi.instance, "cat /etc/pi-llm-appliance/appliance.toml") == config
     assert health(pi.instance)["instance_id"] == before
+
+
+# Debian 11's release files, bound over the Pi's own for the length of one run.
+BULLSEYE_OS_RELEASE = """\
+PRETTY_NAME="Debian GNU/Linux 11 (bullseye)"
+NAME="Debian GNU/Linux"
+VERSION_ID="11"
+VERSION="11 (bullseye)"
+VERSION_CODENAME=bullseye
+ID=debian
+"""
+
+
+@pytest.mark.virtual_pi
+def test_an_unsupported_release_fails_preflight_with_what_is_supported(pi):
+    before = health(pi.instance)["instance_id"]
+    on_pi(pi.instance, f"printf %s {shlex.quote(BULLSEYE_OS_RELEASE)} > /run/os-release && "
+                       "echo 11.11 > /run/debian_version && "
+                       "mount --bind /run/os-release /usr/lib/os-release && "
+                       "mount --bind /run/debian_version /etc/debian_version")
+    try:
+        result = pi.playbook("site.yml")
+    finally:
+        on_pi(pi.instance, "umount /usr/lib/os-release; umount /etc/debian_version")
+    assert result.returncode != 0
+    assert "runs Debian 11.11 (bullseye) on aarch64; the appliance supports Raspberry Pi OS " \
+           "Trixie (Debian 13), Raspberry Pi OS Bookworm (Debian 12) on aarch64" \
+           in " ".join(result.stdout.split())
+    assert "TASK [pi_llm.appliance.base" not in result.stdout
+    assert recap(result.stdout, pi.name)["changed"] == 0
+    assert health(pi.instance)["instance_id"] == before
+
+
+@pytest.mark.virtual_pi
+def test_without_the_sudo_password_preflight_says_how_to_give_it(pi, tmp_path):
+    """The Pi's sudo asks for a password (Raspberry Pi OS since 2026-04): an inventory without
+    one fails at once, before any change, saying how to give it."""
+    inventory = pi.inventory.read_text()
+    without = re.sub(r"\n\s+ansible_become_password: >-\n.*", "", inventory)
+    assert "ansible_become_password" in inventory and "ansible_become_password" not in without
+    (tmp_path / "no-password.yml").write_text(without)
+    result = pi.playbook("site.yml", inventory=tmp_path / "no-password.yml")
+    assert result.returncode != 0
+    said = " ".join(result.stdout.split())
+    assert "becoming root with sudo failed" in said and "--ask-become-pass (-K)" in said
+    assert "ansible_become_password from a vault" in said
+    assert "TASK [pi_llm.appliance.base" not in result.stdout
+    assert recap(result.stdout, pi.name)["changed"] == 0
+
+
+@pytest.mark.virtual_pi
+def test_site_yml_makes_a_bookworm_pi_an_appliance_too(virtual_pi_host, tmp_path):
+    """Raspberry Pi OS Bookworm (Python 3.11, systemd 252, passwordless sudo, no rpi-swap):
+    one converge to /health ok, with its own wheelhouse and a swap unit of ours."""
+    from virtualpi.instance import Instance, Options
+
+    instance = Instance(BOOKWORM_SLOT)
+    instance.up(Options(os="bookworm", fresh=True, nvme="blank"))
+    try:
+        result = ansible_playbook(write_inventory(tmp_path, BOOKWORM_SLOT), "site.yml")
+        assert result.returncode == 0, result.stdout[-5000:]
+        assert "Raspberry Pi OS Bookworm (bookworm), Python 3.11" in result.stdout
+        assert re.search(rf"{instance.name}\s+ok\s+pass\s", result.stdout), result.stdout[-3000:]
+        body = health(instance)
+        assert body["status"] == "ok" and body["verification"]["result"] == "pass"
+        assert on_pi(instance, "ls /opt/pi-llm-appliance/venv/lib") == "python3.11\n"
+        assert "What=/var/lib/pi-llm-appliance/swapfile" in on_pi(
+            instance, f"cat /etc/systemd/system/{shlex.quote(SWAP_UNIT)}")
+    finally:
+        instance.down()
 
 
 @pytest.mark.virtual_pi
@@ -251,13 +381,13 @@ def test_a_drive_that_holds_a_filesystem_is_never_wiped(virtual_pi_host, tmp_pat
     instance = Instance(FOREIGN_DISK_SLOT)
     instance.up(Options(fresh=True, nvme="ext4"))
     try:
-        before = instance.ssh("sudo", "blkid", "-o", "export", "/dev/nvme0n1").stdout
+        before = on_pi(instance, "blkid -o export /dev/nvme0n1")
         result = ansible_playbook(write_inventory(tmp_path, FOREIGN_DISK_SLOT), "site.yml",
                                   "--tags", "nvme_storage")
         assert result.returncode != 0
         assert "already holds data" in result.stdout and "LABEL=existing-data" in result.stdout
         assert "nvme_storage_wipe_existing: true for this host only" in result.stdout
-        assert instance.ssh("sudo", "blkid", "-o", "export", "/dev/nvme0n1").stdout == before
+        assert on_pi(instance, "blkid -o export /dev/nvme0n1") == before
     finally:
         instance.down()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -70,15 +71,31 @@ def leftovers(instance: Instance) -> list[str]:
     return found
 
 
-def test_boots_arm64_debian_under_systemd_reachable_over_ssh(virtual_pi):
+def test_boots_arm64_trixie_under_systemd_reachable_over_ssh(virtual_pi):
     result = virtual_pi.ssh(
         "uname -m; . /etc/os-release; echo $VERSION_CODENAME; ps -o comm= -p 1; "
-        "systemctl is-system-running; systemctl --failed --plain --no-legend; sudo -n id -u"
+        "python3 -c 'import sys; print(sys.version_info[:2])'; "
+        "systemctl is-system-running; systemctl --failed --plain --no-legend"
     )
-    arch, codename, init, state, *rest = result.stdout.split("\n")
-    assert (arch, codename, init) == ("aarch64", "bookworm", "systemd")
+    arch, codename, init, python, state, *rest = result.stdout.split("\n")
+    assert (arch, codename, init, python) == ("aarch64", "trixie", "systemd", "(3, 13)")
     assert state == "running", f"failed units: {rest}"
-    assert rest[-2] == "0", "pi cannot become root with sudo"
+
+
+def test_first_boot_is_cloud_init_and_sudo_asks_for_the_password(virtual_pi):
+    """As on today's Raspberry Pi OS: cloud-init made the user pi from the seed Imager writes to
+    the boot partition, and pi's sudo wants the password the testbed keeps for the inventory."""
+    status = virtual_pi.ssh("cloud-init status --long", check=False).stdout
+    assert "status: done" in status and "NoCloud" in status, status
+    assert virtual_pi.ssh("ls /boot/firmware").stdout.split() == [
+        "config.txt", "meta-data", "user-data"]
+    refused = virtual_pi.ssh("sudo -n id -u", check=False)
+    assert refused.returncode == 1 and "a password is required" in refused.stderr
+    password = virtual_pi.sudo_password_file.read_text()
+    allowed = virtual_pi.ssh(f"echo {shlex.quote(password)} | sudo -S -p '' id -u")
+    assert allowed.stdout.strip() == "0"
+    assert f"ansible_become_password: >-\n            {{{{ lookup('ansible.builtin.file', " \
+        f"'{virtual_pi.sudo_password_file}') }}}}" in cli("inventory", "90").stdout
 
 
 def test_looks_like_a_pi5_to_what_reads_the_board_facts(virtual_pi):
@@ -99,9 +116,9 @@ def test_looks_like_a_pi5_to_what_reads_the_board_facts(virtual_pi):
 
 
 def test_presents_a_blank_nvme_drive(virtual_pi):
-    size = virtual_pi.ssh("sudo blockdev --getsize64 /dev/nvme0n1").stdout
+    size = virtual_pi.ssh("blockdev --getsize64 /dev/nvme0n1", user="root").stdout
     assert int(size) == 64 << 30
-    signature = virtual_pi.ssh("sudo blkid -p /dev/nvme0n1", check=False)
+    signature = virtual_pi.ssh("blkid -p /dev/nvme0n1", check=False, user="root")
     assert signature.returncode == 2, f"a blank drive has no signature: {signature.stdout}"
 
 
@@ -119,7 +136,7 @@ def test_three_instances_side_by_side_with_their_own_boards_and_drives(
     assert big.ssh("cat /sys/firmware/devicetree/base/model").stdout.startswith(
         "Raspberry Pi 5 Model B Rev 1.1"
     )
-    assert 'TYPE="ext4"' in big.ssh("sudo blkid /dev/nvme0n1").stdout
+    assert 'TYPE="ext4"' in big.ssh("blkid /dev/nvme0n1", user="root").stdout
     assert bare.ssh("test -e /dev/nvme0n1", check=False).returncode == 1
 
 
@@ -157,6 +174,9 @@ def test_refuses_to_reuse_an_instance_that_differs_from_the_request(fresh_virtua
     instance.down()
     blank_instead = cli("up", "-n", "95")  # the drive holds data: never silently replaced
     assert blank_instead.returncode == 2 and "--fresh" in blank_instead.stderr
+    other_release = cli("up", "-n", "95", "--nvme", "ext4", "--os", "bookworm")
+    assert other_release.returncode == 2, other_release.stderr
+    assert "was made as trixie, sudo password, not bookworm" in other_release.stderr
     assert leftovers(instance) == []
     assert 'TYPE="ext4"' in subprocess.run(
         ["blkid", str(instance.nvme_image)], capture_output=True, text=True, check=False
@@ -234,7 +254,7 @@ def test_the_virtual_pi_itself_refuses_what_a_cortex_a76_lacks(virtual_pi, neon_
     crashed = virtual_pi.ssh("/tmp/i8mm; echo status=$?", check=False)
     assert f"status={128 + signal.SIGILL}" in crashed.stdout, crashed
     # Services too: systemd passes the Cortex-A76 setting on to what it starts.
-    service = virtual_pi.ssh("sudo systemd-run --wait /tmp/i8mm 2>&1", check=False)
+    service = virtual_pi.ssh("systemd-run --wait /tmp/i8mm 2>&1", check=False, user="root")
     assert "code=killed/status=ILL" in service.stdout, service
 
 

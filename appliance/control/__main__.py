@@ -1,6 +1,7 @@
-"""`python -m appliance.control build-artifacts [llama-cpp] [wheelhouse]`: what provisioning
-copies to every Pi, built once on the control machine; prints where as JSON. The roles run it
-with the collection's root on PYTHONPATH, so it needs nothing installed but Python."""
+"""`python -m appliance.control build-artifacts [llama-cpp] [wheelhouse --python 3.N ...]`:
+what provisioning copies to every Pi, built once on the control machine; prints where as JSON.
+The roles run it with the collection's root on PYTHONPATH, so it needs nothing installed but
+Python."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "aarch64 wheelhouse; prints JSON")
     build.add_argument("which", nargs="*", metavar="|".join(artifacts.ARTIFACTS),
                        help="only these (default: all)")
+    build.add_argument("--python", action="append", default=[], metavar="3.N",
+                       help="a CPython version of the Pis the wheelhouse serves; repeat for each")
     commands.add_parser("build-llama-cpp", help="cross-build llama.cpp; print its prefix")
     args = parser.parse_args(argv)
     unknown = sorted(set(getattr(args, "which", [])) - set(artifacts.ARTIFACTS))
@@ -28,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{', '.join(artifacts.ARTIFACTS)}")
     try:
         if args.command == "build-artifacts":
-            print(json.dumps(artifacts.build(tuple(args.which) or artifacts.ARTIFACTS), indent=2))
+            built = artifacts.build(tuple(args.which) or artifacts.ARTIFACTS, tuple(args.python))
+            print(json.dumps(built, indent=2))
         else:
             print(llamacpp.ensure_build())
     except HostError as error:

@@ -2,10 +2,11 @@
 roles' artifact mode): 50 Pis must not compile 50 times, nor each download from PyPI.
 
 - llama.cpp cross-built for the Cortex-A76 (`llamacpp.ensure_build`), packed as a tarball;
-- a wheelhouse for the appliance's virtualenv on Debian 12 arm64 (CPython 3.11): the appliance's
-  own wheel, llama-cpp-python's Python package (its native library is the llama.cpp above,
-  found through LLAMA_CPP_LIB_PATH), and every dependency as a manylinux aarch64 wheel.
-  systemd-python is Debian's python3-systemd (it has no wheels; the virtualenv sees it).
+- a wheelhouse for the appliance's virtualenv per CPython version of the fleet's Pis (3.13 on
+  Raspberry Pi OS Trixie, 3.11 on Bookworm): the appliance's own wheel, llama-cpp-python's
+  Python package (its native library is the llama.cpp above, found through LLAMA_CPP_LIB_PATH),
+  and every dependency as a manylinux aarch64 wheel for that version. systemd-python is Debian's
+  python3-systemd (it has no wheels; the virtualenv sees it).
 
 Builds are reproducible (SOURCE_DATE_EPOCH), so an unchanged artifact is byte-identical and a
 re-run of the playbook copies nothing.
@@ -13,33 +14,26 @@ re-run of the playbook copies nothing.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 from appliance.control import llamacpp
-from appliance.control.host import SOURCE, cache_dir, run
+from appliance.control.host import SOURCE, HostError, cache_dir, pin, pins, run
 
-TARGET_PYTHON = "3.11"  # Debian 12 / Raspberry Pi OS Bookworm
 TARGET_PLATFORMS = ("manylinux_2_17_aarch64", "manylinux2014_aarch64", "manylinux_2_28_aarch64",
                     "linux_aarch64")
-# The appliance's runtime dependencies, besides llama-cpp-python and systemd-python.
+# The appliance's runtime dependencies, besides llama-cpp-python and systemd-python; they and
+# theirs at constraints.txt's pins (the tests' own virtualenv is installed from the same file).
 DEPENDENCIES = ("flask", "pydantic", "waitress", "prometheus-client", "numpy", "diskcache",
                 "jinja2", "typing-extensions")
 REPRODUCIBLE = {"SOURCE_DATE_EPOCH": "315532800"}  # 1980-01-01: the earliest a zip can hold
-
-
-def _pinned(name: str) -> str:
-    """name==version as this (tested) environment has it, so the Pi runs what the tests ran."""
-    try:
-        return f"{name}=={metadata.version(name)}"
-    except metadata.PackageNotFoundError:
-        return name
 
 
 def llama_cpp_tarball(version: str) -> Path:
@@ -62,11 +56,15 @@ def llama_cpp_tarball(version: str) -> Path:
     return tarball
 
 
-def _download_dependencies(wheelhouse: Path, requirements: list[str]) -> None:
+def _download_dependencies(wheelhouse: Path, python: str, requirements: list[str]) -> None:
     platforms = [argument for platform in TARGET_PLATFORMS for argument in ("--platform", platform)]
-    run(sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms,
-        "--python-version", TARGET_PYTHON, "--implementation", "cp", "--dest", wheelhouse,
-        *requirements)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
+        # Transitive dependencies at their pins too.
+        constraints.write("".join(f"{name}=={version}\n" for name, version in pins().items()))
+        constraints.flush()
+        run(sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+            *platforms, "--python-version", python, "--implementation", "cp",
+            "--constraint", constraints.name, "--dest", wheelhouse, *requirements)
 
 
 def _build_wheel(source: str | Path, wheelhouse: Path, extra_env: dict[str, str]) -> None:
@@ -75,38 +73,69 @@ def _build_wheel(source: str | Path, wheelhouse: Path, extra_env: dict[str, str]
         "--wheel-dir", wheelhouse, str(source), env=env)
 
 
-def wheelhouse(version: str) -> Path:
-    """Dependencies and llama-cpp-python are cached by their pins; the appliance's own wheel is
-    rebuilt every time (it is the code under development), reproducibly."""
-    requirements = sorted(_pinned(name) for name in DEPENDENCIES)
-    digest = hashlib.sha256(json.dumps([version, requirements, TARGET_PLATFORMS]).encode())
-    house = cache_dir() / "wheelhouse" / f"cp311-aarch64-{digest.hexdigest()[:12]}"
-    if not (house / ".complete").exists():
-        house.mkdir(parents=True, exist_ok=True)
-        _download_dependencies(house, requirements)
-        _build_wheel(llamacpp.sdist(version), house, {
-            # Python code only: the library is the cross-built llama.cpp.
-            "CMAKE_ARGS": "-DLLAMA_BUILD=OFF", "_PYTHON_HOST_PLATFORM": "linux-aarch64"})
-        (house / ".complete").write_text("")
-    for old in house.glob("pi_llm_appliance-*.whl"):
-        old.unlink()
+def _check_python(python: str) -> None:
+    major, _, minor = python.partition(".")
+    if not (major == "3" and minor.isdigit()):
+        raise HostError(f"--python {python}: give the Pi's CPython version as 3.N, e.g. 3.13")
+
+
+def wheelhouse(version: str, python: str, appliance_wheel: Path) -> Path:
+    """The wheelhouse for CPython `python` on aarch64. Dependencies and llama-cpp-python are
+    cached by their pins; the appliance's own wheel is the one just built."""
+    _check_python(python)
+    requirements = sorted(f"{name}=={pin(name)}" for name in DEPENDENCIES)
+    digest = hashlib.sha256(json.dumps([version, pins(), TARGET_PLATFORMS]).encode())
+    tag = f"cp{python.replace('.', '')}-aarch64"
+    house = cache_dir() / "wheelhouse" / f"{tag}-{digest.hexdigest()[:12]}"
+    house.parent.mkdir(parents=True, exist_ok=True)
+    with open(house.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once: the second reuses the first's
+        if not (house / ".complete").exists():
+            house.mkdir(exist_ok=True)
+            _download_dependencies(house, python, requirements)
+            _build_wheel(llamacpp.sdist(version), house, {
+                # Python code only: the library is the cross-built llama.cpp.
+                "CMAKE_ARGS": "-DLLAMA_BUILD=OFF", "_PYTHON_HOST_PLATFORM": "linux-aarch64"})
+            (house / ".complete").write_text("")
+            for older in house.parent.glob(f"{tag}-*"):  # of other pins: never used again
+                if older != house:
+                    shutil.rmtree(older, ignore_errors=True)
+        for old in house.glob("pi_llm_appliance-*.whl"):
+            old.unlink()
+        shutil.copy2(appliance_wheel, house / appliance_wheel.name)
+    return house
+
+
+def _build_appliance_wheel(directory: Path) -> Path:
+    """The appliance's own wheel, rebuilt every time (it is the code under development),
+    reproducibly: unchanged code gives the same bytes."""
     with tempfile.TemporaryDirectory() as build:
         # Build from a copy: setuptools writes build/ and egg-info next to the sources.
         run("cp", "-r", "--", *[str(SOURCE / name) for name in
                                 ("pyproject.toml", "README.md", "appliance")], build)
-        _build_wheel(build, house, {})
-    return house
+        _build_wheel(build, directory, {})
+    [wheel] = directory.glob("pi_llm_appliance-*.whl")
+    return wheel
 
 
 ARTIFACTS = ("llama-cpp", "wheelhouse")
 
 
-def build(which: tuple[str, ...] = ARTIFACTS) -> dict[str, str]:
-    """Build the artifacts named (each role asks only for its own) and say where they are."""
+def build(which: tuple[str, ...] = ARTIFACTS, pythons: tuple[str, ...] = ()) -> dict:
+    """Build the artifacts named (each role asks only for its own), the wheelhouse for each
+    CPython version in `pythons`, and say where they are."""
     version = llamacpp.pinned_version()
-    built = {"llama_cpp_python_version": version}
+    built: dict = {"llama_cpp_python_version": version}
     if "llama-cpp" in which:
         built["llama_cpp_tarball"] = str(llama_cpp_tarball(version))
     if "wheelhouse" in which:
-        built["wheelhouse"] = str(wheelhouse(version))
+        if not pythons:
+            raise HostError("which Python does the wheelhouse serve? add --python 3.N for each "
+                            "CPython version on the Pis (3.13 on Trixie, 3.11 on Bookworm)")
+        for python in pythons:
+            _check_python(python)
+        with tempfile.TemporaryDirectory() as scratch:
+            appliance_wheel = _build_appliance_wheel(Path(scratch))
+            built["wheelhouses"] = {python: str(wheelhouse(version, python, appliance_wheel))
+                                    for python in sorted(set(pythons))}
     return built

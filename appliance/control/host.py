@@ -16,6 +16,25 @@ class HostError(RuntimeError):
     """This machine cannot do what was asked; the message says what to do about it."""
 
 
+def pins() -> dict[str, str]:
+    """constraints.txt's `name==version` pins, by normalised name; lines with an environment
+    marker (the control machine's own tools) are not the Pi's and are left out."""
+    found = {}
+    for line in (SOURCE / "constraints.txt").read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        name, separator, version = requirement.partition("==")
+        if separator and ";" not in version:
+            found[name.strip().lower().replace("_", "-")] = version.strip()
+    return found
+
+
+def pin(name: str) -> str:
+    try:
+        return pins()[name]
+    except KeyError:
+        raise HostError(f"constraints.txt does not pin {name}: add {name}==<version>") from None
+
+
 def cache_dir() -> Path:
     """Where built artefacts (root filesystem tarballs, cross builds) are kept between runs."""
     override = os.environ.get("VIRTUAL_PI_CACHE")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from appliance.control.host import SOURCE, HostError, cache_dir, run
+from appliance.control.host import HostError, cache_dir, pin, run
 from appliance.util import sha256_of_file
 
 _DATA = resources.files("appliance") / "data"
@@ -50,12 +50,7 @@ SYSTEM_INFO_SOURCE = (_DATA / "llama-system-info.c").read_text()
 
 
 def pinned_version() -> str:
-    for line in (SOURCE / "constraints.txt").read_text().splitlines():
-        requirement = line.split("#")[0].split(";")[0]
-        name, _, version = requirement.partition("==")
-        if name.strip() == "llama-cpp-python" and version.strip():
-            return version.strip()
-    raise HostError("constraints.txt does not pin llama-cpp-python")
+    return pin("llama-cpp-python")
 
 
 def build_dir(version: str, target: Target = CORTEX_A76) -> Path:

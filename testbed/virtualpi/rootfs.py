@@ -1,8 +1,9 @@
-"""The virtual Pi's root filesystem: Debian 12 arm64 from debootstrap, cached as a tarball.
+"""The virtual Pi's root filesystem: Debian 13 "Trixie" or Debian 12 "Bookworm" arm64 from
+debootstrap (the bases of today's and the previous Raspberry Pi OS), cached as a tarball.
 
-The recipe is data. Its digest names the tarball, so the ~5 minute debootstrap runs again only
-when the recipe changes; the tarball is unpacked once into a read-only base that every instance
-mounts under its own writable overlay.
+Each release's recipe is data. Its digest names the tarball, so the ~5 minute debootstrap runs
+again only when the recipe changes; the tarball is unpacked once into a read-only base that every
+instance of that release mounts under its own writable overlay.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.control.host import cache_dir, run
 
-# Raspberry Pi OS Lite (Bookworm) ships these; the playbook may rely on them being there.
+# Raspberry Pi OS Lite ships these; the playbook may rely on them being there.
 PACKAGES = [
     "ca-certificates", "curl", "dbus", "e2fsprogs", "fdisk", "iproute2", "kmod", "less",
     "openssh-server", "parted", "procps", "python3", "python3-apt", "python3-venv", "sudo",
@@ -82,16 +84,29 @@ dtoverlay=dwc2,dr_mode=host
 # DefaultEnvironment, SSH sessions from /etc/environment (pam_env).
 QEMU_CPU = "cortex-a76"
 
-# qemu-user cannot emulate clone() with namespace flags, which systemd uses to set up
-# LoadCredential= for a service, so a unit with credentials fails under emulation (status 243).
-# A real Pi has no such limit; these OS units get their (optional, unused) credentials dropped.
+# qemu-user cannot emulate clone() with namespace flags, which systemd uses to set up a service's
+# credentials (LoadCredential=, and ImportCredential= since systemd 254), so such a unit fails
+# under emulation (status 243). A real Pi has no such limit; these OS units get their (optional,
+# unused) credentials dropped.
 UNITS_WITH_OPTIONAL_CREDENTIALS = [
     "procps", "systemd-firstboot", "systemd-sysctl", "systemd-sysusers", "systemd-tmpfiles-clean",
     "systemd-tmpfiles-setup-dev", "systemd-tmpfiles-setup",
 ]
+# systemd 257 (Trixie) imports credentials into these too.
+UNITS_IMPORTING_CREDENTIALS = [
+    "autovt@", "console-getty", "container-getty@", "getty@", "serial-getty@",
+    "systemd-journald", "systemd-network-generator", "systemd-tmpfiles-setup-dev-early",
+]
 NO_CREDENTIALS_DROP_IN = (
     "# Emulation gap: see testbed/virtualpi/rootfs.py.\n[Service]\nLoadCredential=\n"
 )
+NO_IMPORTED_CREDENTIALS_DROP_IN = NO_CREDENTIALS_DROP_IN + "ImportCredential=\n"
+
+
+def _no_credentials(units: list[str], drop_in: str) -> dict[str, str]:
+    return {f"etc/systemd/system/{unit}.service.d/10-virtual-pi-no-credentials.conf": drop_in
+            for unit in units}
+
 
 # nspawn cannot bind over /proc itself, so the Pi 5's cpuinfo (bound by nspawn under
 # /run/virtual-pi) is mounted over /proc/cpuinfo early in boot.
@@ -111,19 +126,82 @@ ExecStart=/bin/mount --bind /run/virtual-pi/cpuinfo /proc/cpuinfo
 WantedBy=sysinit.target
 """
 
-FILES = {
-    **{
-        f"etc/systemd/system/{unit}.service.d/10-virtual-pi-no-credentials.conf":
-            NO_CREDENTIALS_DROP_IN
-        for unit in UNITS_WITH_OPTIONAL_CREDENTIALS
-    },
+# Raspberry Pi OS Trixie's swap: rpi-swap, a generator reading /etc/rpi/swap.conf and then
+# /etc/rpi/swap.conf.d/*.conf (a later file's key wins). It is not in Debian's archive, so this
+# stand-in implements the part the swap role relies on: [Main] Mechanism=, [File] Path= and
+# FixedSizeMiB=, [Zram] RamMultiplier= and FixedSizeMiB=. Its units carry
+# ConditionVirtualization=!container: a container may not swapon, so they are generated, seen by
+# systemd, and skipped.
+RPI_SWAP_CONF = """\
+# Swap configuration for rpi-swap: see swap.conf(5). Drop-ins go in /etc/rpi/swap.conf.d/.
+[Main]
+Mechanism=auto
+"""
+RPI_SWAP_GENERATOR = r"""#!/bin/sh
+# Stand-in for Raspberry Pi OS's rpi-swap generator (see testbed/virtualpi/rootfs.py).
+set -eu
+out="${1:-/run/systemd/generator}"
+value() {  # SECTION KEY DEFAULT: the last setting in swap.conf and its drop-ins, in name order
+    found=$(cat /etc/rpi/swap.conf /etc/rpi/swap.conf.d/*.conf 2>/dev/null | awk \
+        -v section="[$1]" -v key="$2" '
+        /^[[:space:]]*[#;]/ { next }
+        /^\[/ { current = $1; next }
+        current == section && index($0, key "=") == 1 { found = substr($0, length(key) + 2) }
+        END { print found }')
+    echo "${found:-$3}"
+}
+mechanism=$(value Main Mechanism auto)
+# auto: zram on an SD card, which is where the virtual Pi's root is.
+[ "$mechanism" = auto ] && mechanism=zram
+mkdir -p "$out/swap.target.wants"
+case "$mechanism" in
+*file*)
+    path=$(value File Path /var/swap)
+    unit=$(systemd-escape --path --suffix=swap "$path")
+    printf '%s\n' "[Unit]" "Description=rpi-swap: swap file $path" \
+        "ConditionVirtualization=!container" "[Swap]" "What=$path" > "$out/$unit"
+    ln -sf "../$unit" "$out/swap.target.wants/$unit" ;;
+esac
+case "$mechanism" in
+*zram*)
+    size=$(value Zram FixedSizeMiB "")
+    if [ -z "$size" ]; then
+        multiplier=$(value Zram RamMultiplier 0.5)
+        size=$(awk -v m="$multiplier" '/^MemTotal/ { print int($2 * m / 1024) }' /proc/meminfo)
+    fi
+    printf '%s\n' "[Unit]" "Description=rpi-swap: zram device ($size MiB)" \
+        "ConditionVirtualization=!container" "DefaultDependencies=no" "[Service]" \
+        "Type=oneshot" "RemainAfterExit=yes" "ExecStartPre=/sbin/modprobe zram" \
+        "ExecStart=/sbin/zramctl /dev/zram0 --size ${size}M" \
+        "ExecStart=/sbin/mkswap /dev/zram0" > "$out/rpi-zram-setup.service"
+    printf '%s\n' "[Unit]" "Description=rpi-swap: compressed RAM" \
+        "ConditionVirtualization=!container" "Requires=rpi-zram-setup.service" \
+        "After=rpi-zram-setup.service" "[Swap]" "What=/dev/zram0" "Priority=100" \
+        > "$out/dev-zram0.swap"
+    ln -sf ../dev-zram0.swap "$out/swap.target.wants/dev-zram0.swap" ;;
+esac
+"""
+
+# Raspberry Pi OS Trixie's first boot is cloud-init reading the NoCloud seed that Imager writes
+# to the boot partition (rpi-cloud-init-mods points it there). The network is the testbed's.
+CLOUD_INIT_CONFIG = """\
+# virtual Pi: the seed on the boot partition, as Raspberry Pi OS reads it
+datasource_list: [NoCloud, None]
+datasource:
+  NoCloud:
+    seedfrom: file:///boot/firmware/
+# virtual Pi: the network namespace is set up from the host
+network:
+  config: disabled
+"""
+
+COMMON_FILES = {
     "etc/systemd/system/virtual-pi-board.service": BOARD_UNIT,
     "boot/firmware/config.txt": CONFIG_TXT,
     "etc/environment": f"QEMU_CPU={QEMU_CPU}\n",
     "etc/systemd/system.conf.d/10-virtual-pi.conf": (
         f"[Manager]\nDefaultEnvironment=QEMU_CPU={QEMU_CPU}\n"
     ),
-    "etc/sudoers.d/010_pi-nopasswd": "pi ALL=(ALL) NOPASSWD: ALL\n",
     "etc/ssh/sshd_config.d/10-virtual-pi.conf": (
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUseDNS no\n"
     ),
@@ -133,10 +211,8 @@ FILES = {
 }
 
 # Run inside the new root (under emulation) after the files are written.
-COMMANDS = [
-    ["systemctl", "enable", "virtual-pi-board.service"],
-    ["useradd", "--create-home", "--shell", "/bin/bash", "--groups", "sudo", "pi"],
-    ["chmod", "0440", "/etc/sudoers.d/010_pi-nopasswd"],
+ENABLE_BOARD_UNIT = ("systemctl", "enable", "virtual-pi-board.service")
+COMMON_COMMANDS = [
     # Host keys are made per instance; an image must not carry one shared key.
     ["sh", "-c", "rm -f /etc/ssh/ssh_host_*"],
     # No machine-id in the image: each instance gets its own.
@@ -144,19 +220,78 @@ COMMANDS = [
     ["apt-get", "clean"],
 ]
 
-RECIPE = {
-    "suite": "bookworm",
-    "arch": "arm64",
-    "variant": "minbase",
-    "mirror": "http://deb.debian.org/debian",
-    "packages": PACKAGES,
-    "files": FILES,
-    "commands": COMMANDS,
+
+@dataclass(frozen=True)
+class Release:
+    """What one Raspberry Pi OS release is built from and how its first boot makes the user."""
+
+    name: str
+    suite: str
+    packages: tuple[str, ...]
+    files: dict[str, str]
+    commands: tuple[tuple[str, ...], ...]
+    # cloud-init makes the user `pi` from the seed on the boot partition; else the image has it.
+    cloud_init: bool
+    # Images of this release up to now: passwordless sudo, or sudo that asks for the password.
+    default_sudo: str
+    arch: str = "arm64"
+
+    def recipe(self) -> dict:
+        return {"suite": self.suite, "arch": self.arch, "variant": VARIANT, "mirror": MIRROR,
+                "packages": sorted(self.packages), "files": self.files,
+                "commands": [list(command) for command in self.commands]}
+
+
+VARIANT, MIRROR = "minbase", "http://deb.debian.org/debian"
+
+RELEASES = {
+    # Raspberry Pi OS since 2025-10: Python 3.13, systemd 257, cloud-init, rpi-swap, and (since
+    # 2026-04) sudo that asks for the password.
+    "trixie": Release(
+        name="trixie", suite="trixie", packages=tuple(PACKAGES),
+        files={
+            **COMMON_FILES,
+            **_no_credentials(UNITS_WITH_OPTIONAL_CREDENTIALS + UNITS_IMPORTING_CREDENTIALS,
+                              NO_IMPORTED_CREDENTIALS_DROP_IN),
+            "etc/cloud/cloud.cfg.d/99_virtual-pi.cfg": CLOUD_INIT_CONFIG,
+            "etc/rpi/swap.conf": RPI_SWAP_CONF,
+            "etc/rpi/swap.conf.d/.keep": "",
+            "usr/lib/systemd/system-generators/rpi-swap-generator": RPI_SWAP_GENERATOR,
+        },
+        commands=(
+            # By apt, not debootstrap's --include: its simple resolver configures cloud-init's
+            # Python dependencies out of order.
+            ("sh", "-c", "DEBIAN_FRONTEND=noninteractive apt-get install --yes --quiet "
+                         "--no-install-recommends cloud-init"),
+            ENABLE_BOARD_UNIT,
+            ("chmod", "0755", "/usr/lib/systemd/system-generators/rpi-swap-generator"),
+            *map(tuple, COMMON_COMMANDS),
+        ),
+        cloud_init=True, default_sudo="password",
+    ),
+    # Raspberry Pi OS until 2025-10: Python 3.11, systemd 252, the user made at image time,
+    # passwordless sudo.
+    "bookworm": Release(
+        name="bookworm", suite="bookworm", packages=tuple(PACKAGES),
+        files={
+            **COMMON_FILES,
+            **_no_credentials(UNITS_WITH_OPTIONAL_CREDENTIALS, NO_CREDENTIALS_DROP_IN),
+            "etc/sudoers.d/010_pi-nopasswd": "pi ALL=(ALL) NOPASSWD: ALL\n",
+        },
+        commands=(
+            ENABLE_BOARD_UNIT,
+            ("useradd", "--create-home", "--shell", "/bin/bash", "--groups", "sudo", "pi"),
+            ("chmod", "0440", "/etc/sudoers.d/010_pi-nopasswd"),
+            *map(tuple, COMMON_COMMANDS),
+        ),
+        cloud_init=False, default_sudo="nopasswd",
+    ),
 }
+DEFAULT_RELEASE = "trixie"
 
 
-def recipe_digest(recipe: dict = RECIPE) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+def recipe_digest(release: Release) -> str:
+    return hashlib.sha256(json.dumps(release.recipe(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def images_dir() -> Path:
@@ -175,8 +310,8 @@ def _log(message: str) -> None:
     print(f"virtual-pi: {message}", file=sys.stderr, flush=True)
 
 
-def tarball_path() -> Path:
-    return images_dir() / f"rootfs-{RECIPE['suite']}-{RECIPE['arch']}-{recipe_digest()}.tar.gz"
+def tarball_path(release: Release) -> Path:
+    return images_dir() / f"rootfs-{release.suite}-{release.arch}-{recipe_digest(release)}.tar.gz"
 
 
 def _remove_build_tree(work: Path) -> None:
@@ -189,23 +324,25 @@ def _remove_build_tree(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _build_tarball(target: Path) -> None:
+def _build_tarball(release: Release, target: Path) -> None:
     work = target.with_suffix(".build")
     _remove_build_tree(work)
     started = time.monotonic()
-    _log(f"building the arm64 root filesystem with debootstrap (about 5 minutes) → {target}")
+    _log(f"building the {release.name} {release.arch} root filesystem with debootstrap (minutes) "
+         f"→ {target}")
     try:
         run(
-            "debootstrap", f"--arch={RECIPE['arch']}", f"--variant={RECIPE['variant']}",
-            f"--include={','.join(RECIPE['packages'])}",
-            RECIPE["suite"], work, RECIPE["mirror"],
+            "debootstrap", f"--arch={release.arch}", f"--variant={VARIANT}",
+            f"--include={','.join(sorted(release.packages))}", release.suite, work, MIRROR,
         )
-        for relative, content in RECIPE["files"].items():
+        for relative, content in release.files.items():
             path = work / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content)
-        for command in RECIPE["commands"]:
+        run("mount", "-t", "proc", "proc", work / "proc")  # for apt's maintainer scripts
+        for command in release.commands:
             run("chroot", work, *command)
+        run("umount", work / "proc")
         partial = target.with_name(target.name + ".partial")
         run("tar", "--numeric-owner", "--xattrs", "-I", "gzip -1", "-cf", partial, "-C", work, ".")
         partial.rename(target)
@@ -214,28 +351,30 @@ def _build_tarball(target: Path) -> None:
     _log(f"root filesystem built in {time.monotonic() - started:.0f} s")
 
 
-def ensure_base() -> Path:
-    """The unpacked, read-only base tree for the current recipe (built and cached if needed)."""
-    tarball = tarball_path()
+def ensure_base(release: Release) -> Path:
+    """The unpacked, read-only base tree of the release's recipe (built and cached if needed)."""
+    tarball = tarball_path(release)
     base = images_dir() / tarball.name.removesuffix(".tar.gz")
+    if base.is_dir():  # unpacked under the lock, renamed into place last: complete
+        return base
     with _build_lock():
         if base.is_dir():
             return base
         if not tarball.exists():
-            _build_tarball(tarball)
+            _build_tarball(release, tarball)
         unpacking = base.with_name(base.name + ".unpacking")
         shutil.rmtree(unpacking, ignore_errors=True)
         unpacking.mkdir()
         run("tar", "--numeric-owner", "--xattrs", "-xzf", tarball, "-C", unpacking)
         unpacking.rename(base)
-        _remove_stale(keep={tarball.name, base.name})
+        _remove_stale(release, keep={tarball.name, base.name})
     return base
 
 
-def _remove_stale(keep: set[str]) -> None:
-    """Drop tarballs and trees of older recipes; only the current one is ever used."""
+def _remove_stale(release: Release, keep: set[str]) -> None:
+    """Drop the release's tarballs and trees of older recipes; only the current one is used."""
     mounts = Path("/proc/mounts").read_text()
-    for entry in images_dir().glob("rootfs-*"):
+    for entry in images_dir().glob(f"rootfs-{release.suite}-{release.arch}-*"):
         in_use = f"lowerdir={entry}," in mounts  # a running instance still boots from it
         building = entry.name.endswith((".build", ".partial"))
         if entry.name not in keep and not in_use and not building:
