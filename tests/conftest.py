@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -215,11 +216,46 @@ def pi4(tmp_path: Path) -> Path:
 # The virtual Raspberry Pi 5 (testbed/virtualpi) -----------------------------------------------
 # Tests use slots 90-99 so a developer's own instance (slot 0) is never touched.
 SHARED_VIRTUAL_PI_SLOT = 90
+# What the virtual Pis' tests need that takes minutes to build on a fresh machine: each release's
+# root filesystem, the control machine with the newest ansible-core, the cross build and the
+# wheelhouses. Built side by side in the background from the session's start, while the other
+# tests run (the virtual Pis' tests run last); on a machine with warm caches each is a no-op.
+_BUILDS: list[Future] = []
+
+
+def _prepare_virtual_pis() -> list[Future]:
+    from virtualpi import controller, rootfs
+
+    from appliance.control import artifacts
+
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="virtual-pi-build")
+    builds = [pool.submit(rootfs.ensure_base, release) for release in rootfs.RELEASES.values()]
+    builds += [pool.submit(controller.ensure),
+               pool.submit(artifacts.build, artifacts.ARTIFACTS, ("3.11", "3.13"))]
+    pool.shutdown(wait=False)
+    return builds
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from virtualpi.host import HostError, preflight
+
+    if session.config.getoption("markexpr") == "not virtual_pi":
+        return
+    try:
+        preflight()
+    except HostError:
+        return  # virtual_pi_host says why, when a test asks for it
+    _BUILDS.extend(_prepare_virtual_pis())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("virtual_pi") is not None)
 
 
 @pytest.fixture(scope="session")
 def virtual_pi_host() -> None:
-    """The host can run virtual Pis (root, binfmt_misc, loop devices, the Debian tools).
+    """The host can run virtual Pis (root, binfmt_misc, loop devices, the Debian tools), and
+    what they boot from is built.
 
     Skipped off such a host, except in CI, where a missing prerequisite is a failure.
     """
@@ -231,6 +267,8 @@ def virtual_pi_host() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"CI must be able to run a virtual Pi: {error}")
         pytest.skip(f"cannot run a virtual Pi here: {error}")
+    for build in _BUILDS:
+        build.result()  # a failed build fails here, with its message
 
 
 @pytest.fixture(scope="session")

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             print(inventory(args.slots), end="")
         elif args.command == "controller":
             require_root()
-            command = controller.command(*(args.argv or ["ansible-playbook", "--version"]),
+            argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            command = controller.command(*(argv or ["ansible-playbook", "--version"]),
                                          cwd=Path.cwd())
             os.execvp(command[0], command)  # noqa: S606 - become the control machine's command
         elif args.command == "isa-check":

@@ -7,7 +7,9 @@ as a hang.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +17,12 @@ from appliance.control.host import HostError, run
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 QEMU_REGISTRATION = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
+# Which qemu binary the registration holds open (F flag): the file's identity when registered.
+BINFMT_STAMP = Path("/run/virtual-pi-binfmt.json")
 NSPAWN_RUNTIME = Path("/run/systemd/nspawn")
+# Trixie's systemd 257 starts every service through systemd-executor, which qemu-user before 10
+# cannot spawn ("Failed to spawn executor: Invalid argument").
+QEMU_MINIMUM = (10, 0)
 
 # Command → the Debian package that provides it.
 REQUIRED_COMMANDS = {
@@ -79,18 +86,43 @@ def ensure_binfmt() -> None:
                 f"`mount -t binfmt_misc binfmt_misc {BINFMT_DIR}` failed: {result.stderr.strip()}"
             )
     entry = BINFMT_DIR / "qemu-aarch64"
-    wanted = set(qemu_registration().rsplit(":", 1)[1])
+    registration = qemu_registration()
+    wanted = set(registration.rsplit(":", 1)[1])
+    interpreter = Path(registration.split(":")[-2]).resolve()
+    identity = json.dumps([str(interpreter), *_file_identity(interpreter)])
     if entry.exists():
         status = entry.read_text()
         flags = next(line for line in status.splitlines() if line.startswith("flags:"))
-        if status.startswith("enabled") and wanted <= set(flags.partition(":")[2].strip()):
+        # An upgraded qemu is a new file: a registration made before holds the old one open.
+        same_binary = BINFMT_STAMP.exists() and BINFMT_STAMP.read_text() == identity
+        if (status.startswith("enabled") and wanted <= set(flags.partition(":")[2].strip())
+                and same_binary):
             return
     try:
         if entry.exists():
-            entry.write_text("-1")  # replace a registration without the flags we need
-        (BINFMT_DIR / "register").write_text(qemu_registration())
+            entry.write_text("-1")  # replace a registration without the flags or binary we need
+        (BINFMT_DIR / "register").write_text(registration)
     except OSError as error:
         raise HostError(f"could not register qemu-aarch64 with binfmt_misc: {error}") from error
+    BINFMT_STAMP.write_text(identity)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def require_qemu_version() -> None:
+    output = run("qemu-aarch64-static", "--version").stdout
+    match = re.search(r"version (\d+)\.(\d+)", output)
+    version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if version < QEMU_MINIMUM:
+        raise HostError(
+            f"qemu-user-static {'.'.join(map(str, version))} cannot boot Trixie's systemd (it "
+            f"cannot spawn systemd-executor); {'.'.join(map(str, QEMU_MINIMUM))} or later is "
+            "needed: on Debian 12 from bookworm-backports, which scripts/install-debian-packages "
+            "installs"
+        )
 
 
 def ensure_loop_devices() -> None:
@@ -121,6 +153,7 @@ def preflight() -> None:
     """Everything a virtual Pi needs from the host, checked in the order a person would fix it."""
     require_root()
     require_commands()
+    require_qemu_version()
     ensure_binfmt()
     ensure_loop_devices()
     ensure_nspawn_runtime()

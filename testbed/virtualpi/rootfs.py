@@ -101,6 +101,20 @@ NO_CREDENTIALS_DROP_IN = (
     "# Emulation gap: see testbed/virtualpi/rootfs.py.\n[Service]\nLoadCredential=\n"
 )
 NO_IMPORTED_CREDENTIALS_DROP_IN = NO_CREDENTIALS_DROP_IN + "ImportCredential=\n"
+# systemd 257 also sets up a unit's mount namespace in such a clone() (status 226/NAMESPACE):
+# Debian's units that sandbox their files run without one. logind matters most: pam_systemd
+# waits for it at every login.
+UNITS_WITH_MOUNT_NAMESPACES = [
+    "systemd-hostnamed", "systemd-localed", "systemd-logind", "systemd-timedated",
+    "systemd-timesyncd", "fstrim",
+]
+NO_MOUNT_NAMESPACE_DROP_IN = (
+    "# Emulation gap: see testbed/virtualpi/rootfs.py.\n[Service]\n"
+    + "".join(f"{setting}=no\n" for setting in (
+        "PrivateTmp", "PrivateDevices", "ProtectSystem", "ProtectHome", "ProtectKernelTunables",
+        "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups"))
+    + "ReadWritePaths=\nReadOnlyPaths=\nInaccessiblePaths=\n"
+)
 
 
 def _no_credentials(units: list[str], drop_in: str) -> dict[str, str]:
@@ -253,6 +267,8 @@ RELEASES = {
             **COMMON_FILES,
             **_no_credentials(UNITS_WITH_OPTIONAL_CREDENTIALS + UNITS_IMPORTING_CREDENTIALS,
                               NO_IMPORTED_CREDENTIALS_DROP_IN),
+            **{f"etc/systemd/system/{unit}.service.d/10-virtual-pi-no-mount-namespace.conf":
+               NO_MOUNT_NAMESPACE_DROP_IN for unit in UNITS_WITH_MOUNT_NAMESPACES},
             "etc/cloud/cloud.cfg.d/99_virtual-pi.cfg": CLOUD_INIT_CONFIG,
             "etc/rpi/swap.conf": RPI_SWAP_CONF,
             "etc/rpi/swap.conf.d/.keep": "",
@@ -299,9 +315,10 @@ def images_dir() -> Path:
 
 
 @contextmanager
-def _build_lock():
+def _build_lock(release: Release):
+    """One build of a release at a time; other releases build beside it."""
     images_dir().mkdir(parents=True, exist_ok=True)
-    with open(images_dir() / ".lock", "w") as lock:
+    with open(images_dir() / f".{release.suite}-{release.arch}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -357,7 +374,7 @@ def ensure_base(release: Release) -> Path:
     base = images_dir() / tarball.name.removesuffix(".tar.gz")
     if base.is_dir():  # unpacked under the lock, renamed into place last: complete
         return base
-    with _build_lock():
+    with _build_lock(release):
         if base.is_dir():
             return base
         if not tarball.exists():
