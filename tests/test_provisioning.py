@@ -99,8 +99,9 @@ def test_the_tests_run_the_newest_ansible_core_and_the_oldest_still_maintained(
     machine), the oldest maintained in the project's virtualenv (Bookworm, the collection)."""
     from virtualpi import controller
 
-    pins = dict(re.findall(r'(?m)^ansible-core==(\S+); python_version ([<>=]+ "3.12")',
-                           (REPOSITORY / "constraints.txt").read_text()))
+    pins = {marker: version for version, marker in re.findall(
+        r'(?m)^ansible-core==(\S+); python_version ([<>=]+ "3.12")',
+        (REPOSITORY / "constraints.txt").read_text())}
     newest, oldest = pins['>= "3.12"'], pins['< "3.12"']
     assert controller.ansible_version().startswith(f"ansible-playbook [core {newest}]")
     ours = subprocess.run([str(BIN / "ansible-playbook"), "--version"], capture_output=True,
