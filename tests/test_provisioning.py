@@ -263,7 +263,8 @@ def test_swap_is_rpi_swaps_own_on_nvme_and_in_effect_in_the_same_run(pi, host):
     size_mib = host.file("/var/lib/pi-llm-appliance/swapfile").size // 2**20
     assert f"FixedSizeMiB={size_mib}" in drop_in
     unit = dict(line.split("=", 1) for line in host.check_output(
-        f"systemctl show {SWAP_UNIT} -p FragmentPath -p What -p LoadState").splitlines())
+        f"systemctl show {shlex.quote(SWAP_UNIT)} -p FragmentPath -p What -p LoadState")
+        .splitlines())
     assert unit == {"FragmentPath": f"/run/systemd/generator/{SWAP_UNIT}",
                     "What": "/var/lib/pi-llm-appliance/swapfile", "LoadState": "loaded"}
     assert SWAP_UNIT in host.check_output("systemctl list-dependencies --plain swap.target")
