@@ -26,6 +26,7 @@ from pathlib import Path
 
 from appliance.control import llamacpp
 from appliance.control.host import SOURCE, HostError, cache_dir, pin, pins, run
+from appliance.util import sha256_of_file
 
 TARGET_PLATFORMS = ("manylinux_2_17_aarch64", "manylinux2014_aarch64", "manylinux_2_28_aarch64",
                     "linux_aarch64")
@@ -36,24 +37,33 @@ DEPENDENCIES = ("flask", "pydantic", "waitress", "prometheus-client", "numpy", "
 REPRODUCIBLE = {"SOURCE_DATE_EPOCH": "315532800"}  # 1980-01-01: the earliest a zip can hold
 
 
+def pack(directory: Path, tarball: Path, compression: str = "") -> Path:
+    """`directory`'s files as a reproducible tar (no dates, no owners), written only when its
+    bytes would change, so the playbook's checksum comparison copies nothing otherwise. A file
+    named BUILD.json goes last: the Pi takes it as the stamp of a complete unpack."""
+    staging = tarball.with_name(tarball.name + ".partial")
+    with tarfile.open(staging, f"w:{compression}") as archive:
+        for path in sorted(directory.rglob("*"), key=lambda p: (p.name == "BUILD.json", p)):
+            if path.name.startswith("."):  # the cache's own stamps
+                continue
+            info = archive.gettarinfo(path, str(path.relative_to(directory)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "root", "root"
+            if info.isreg():
+                with open(path, "rb") as handle:
+                    archive.addfile(info, handle)
+            else:
+                archive.addfile(info)
+    if tarball.exists() and sha256_of_file(tarball) == sha256_of_file(staging):
+        staging.unlink()
+    else:
+        staging.rename(tarball)
+    return tarball
+
+
 def llama_cpp_tarball(version: str) -> Path:
     prefix = llamacpp.ensure_build(version)
     tarball = prefix.with_name(prefix.name + ".tar.gz")
-    if not tarball.exists():
-        staging = tarball.with_suffix(".partial")
-        with tarfile.open(staging, "w:gz") as archive:
-            # BUILD.json last: the Pi takes it as the stamp of a complete unpack.
-            last_the_stamp = sorted(prefix.rglob("*"), key=lambda p: (p.name == "BUILD.json", p))
-            for path in last_the_stamp:
-                info = archive.gettarinfo(path, str(path.relative_to(prefix)))
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "root", "root"
-                if info.isreg():
-                    with open(path, "rb") as handle:
-                        archive.addfile(info, handle)
-                else:
-                    archive.addfile(info)
-        staging.rename(tarball)
-    return tarball
+    return tarball if tarball.exists() else pack(prefix, tarball, "gz")
 
 
 def _download_dependencies(wheelhouse: Path, python: str, requirements: list[str]) -> None:
@@ -80,8 +90,10 @@ def _check_python(python: str) -> None:
 
 
 def wheelhouse(version: str, python: str, appliance_wheel: Path) -> Path:
-    """The wheelhouse for CPython `python` on aarch64. Dependencies and llama-cpp-python are
-    cached by their pins; the appliance's own wheel is the one just built."""
+    """The wheelhouse for CPython `python` on aarch64, as one tar: a copy of one file is one
+    module run on the Pi, where a directory of wheels is two per wheel (minutes under
+    emulation). Dependencies and llama-cpp-python are cached by their pins; the appliance's own
+    wheel is the one just built."""
     _check_python(python)
     requirements = sorted(f"{name}=={pin(name)}" for name in DEPENDENCIES)
     digest = hashlib.sha256(json.dumps([version, pins(), TARGET_PLATFORMS]).encode())
@@ -98,12 +110,14 @@ def wheelhouse(version: str, python: str, appliance_wheel: Path) -> Path:
                 "CMAKE_ARGS": "-DLLAMA_BUILD=OFF", "_PYTHON_HOST_PLATFORM": "linux-aarch64"})
             (house / ".complete").write_text("")
             for older in house.parent.glob(f"{tag}-*"):  # of other pins: never used again
-                if older != house:
+                if older.is_dir() and older != house:
                     shutil.rmtree(older, ignore_errors=True)
+                elif older.is_file() and older.name != f"{house.name}.tar":
+                    older.unlink()
         for old in house.glob("pi_llm_appliance-*.whl"):
             old.unlink()
         shutil.copy2(appliance_wheel, house / appliance_wheel.name)
-    return house
+        return pack(house, house.with_name(f"{house.name}.tar"))
 
 
 def _build_appliance_wheel(directory: Path) -> Path:
