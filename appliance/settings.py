@@ -180,9 +180,10 @@ class LimitsSettings(_Section):
         "requests that may wait while one generates; beyond: 429"))
     queue_timeout_seconds: float = Field(default=300.0, gt=0, le=3600, description=(
         "a queued request waiting longer gets 503"))
-    stall_seconds: float = Field(default=120.0, gt=0, le=3600, description=(
-        "a generation with no progress for this long makes health `stalled` and stops "
-        "watchdog pings"))
+    stall_seconds: float | None = Field(default=None, gt=0, le=3600, description=(
+        "a request with no progress (no prompt chunk evaluated, no token) for this long makes "
+        "health `stalled` and stops watchdog pings; unset: ten times the longest step the "
+        "measured prompt and decode speeds predict, at least 60 s (120 s until measured)"))
     max_stop_sequences: int = Field(default=4, ge=0, le=16, description=(
         "`stop` strings a request may give"))
 
@@ -230,6 +231,11 @@ class VerifySettings(_Section):
         "below target: `degraded` (serve; `/health` 200 `degraded`) or `refuse` (503 `refused`)"))
     wait_seconds: float = Field(default=900.0, gt=0, le=86_400, description=(
         "how long the verifier waits for the model to load"))
+    by: Literal["service", "unit"] = Field(default="service", description=(
+        "who verifies each start: `service`, `serve` itself once its model is loaded (a plain "
+        "`pi-appliance serve` reaches `ok`), or `unit`, pi-llm-appliance-verify.service (what "
+        "provisioning installs; `model.policy = \"auto\"` needs it, to restart after a "
+        "fallback)"))
 
 
 class Settings(_Section):
@@ -248,6 +254,10 @@ class Settings(_Section):
         if "depth" not in verify.model_fields_set and 0 <= room < verify.depth:
             # The default depth, in a smaller context: as deep as it fits.
             return self.model_copy(update={"verify": verify.model_copy(update={"depth": room})})
+        if self.model.policy == "auto" and verify.enabled and verify.by != "unit":
+            raise ValueError(
+                'model.policy = "auto" needs verify.by = "unit": after a fallback to another '
+                "model, pi-llm-appliance-verify.service restarts the service")
         needed = verify.depth + verify.n_prompt + verify.n_gen
         if verify.enabled and needed > self.model.context:
             raise ValueError(

@@ -44,3 +44,8 @@ def metric_value(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in metrics")
+
+
+# A document to summarise: about 1,500 tokens of SmolLM2's, evaluated in many chunks.
+DOCUMENT = " ".join(f"Entry {n}: the pump at station {n % 7} reported pressure {n * 3} kPa."
+                    for n in range(90))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from appliance.service.app import create_app
-from appliance.service.engine import Engine
-from tests.helpers import metric_value
+from appliance.service.engine import Engine, GenerationStats, Sampling
+from tests.helpers import DOCUMENT, metric_value
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
         "temperature": 0, "seed": 1}
@@ -253,6 +253,90 @@ def test_stuck_generation_makes_health_not_ok(make_settings):
     assert health.get_json()["engine"]["heartbeat_age_seconds"] > 0.3
     stuck.close()
     assert client.get("/health").status_code == 200
+
+
+def engine_with(make_settings, **sections) -> Engine:
+    settings = make_settings(**sections)
+    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
+    engine.load()
+    return engine
+
+
+def test_a_prompt_that_outlasts_the_stall_limit_keeps_health_ok_and_shows_progress(
+        make_settings):
+    stall = 1.0
+    settings = make_settings(limits={"stall_seconds": stall}, model={"batch": 32})
+    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
+    engine.load()
+    client = create_app(settings, engine).test_client()
+    seen: list[tuple[int, dict]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            reply = client.get("/health")
+            seen.append((reply.status_code, reply.get_json()))
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    started = time.monotonic()
+    reply = client.post("/v1/completions", json={"prompt": DOCUMENT, "max_tokens": 2})
+    elapsed = time.monotonic() - started
+    done.set()
+    poller.join()
+    assert reply.status_code == 200, reply.get_json()
+    assert reply.get_json()["usage"]["prompt_tokens"] > 1000
+    assert elapsed > 2 * stall, "the evaluation must outlast the stall limit to prove anything"
+    assert {(status, body["status"]) for status, body in seen} == {(200, "ok")}
+    progress = [body["engine"]["prompt"] for _, body in seen if body["engine"]["prompt"]]
+    assert any(0 < p["evaluated"] < p["total"] for p in progress), progress
+    assert all(body["engine"]["heartbeat_age_seconds"] < stall for _, body in seen)
+
+
+def test_a_cancelled_prompt_stops_between_chunks_and_its_evaluated_start_is_reused(
+        make_settings, shared_engine):
+    engine = engine_with(make_settings, model={"batch": 32})
+    prompt = engine.text_prompt(DOCUMENT)
+    greedy = Sampling(max_tokens=8, temperature=0.0, ignore_eos=True)
+    checks: list[int] = []
+
+    def gone_after_three_chunks() -> bool:
+        checks.append(engine.prompt_tokens_evaluated)
+        return len(checks) > 3
+
+    lease = engine.acquire()
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    assert list(engine.generate(lease, prompt, greedy, stats, gone_after_three_chunks)) == []
+    lease.release()
+    assert stats.finish_reason == "cancelled" and stats.completion_tokens == 0
+    assert engine.prompt_tokens_evaluated == 3 * 32  # three chunks, then it stopped
+    assert engine.prompt_progress is None
+
+    # The same document again: only the rest is evaluated, and the answer is what an engine
+    # that evaluated it all at once gives.
+    lease = engine.acquire()
+    resumed = "".join(engine.generate(lease, prompt, greedy, GenerationStats(len(prompt))))
+    lease.release()
+    assert engine.prompt_tokens_evaluated == len(prompt)
+    lease = shared_engine.acquire()
+    whole = "".join(shared_engine.generate(lease, prompt, greedy, GenerationStats(len(prompt))))
+    lease.release()
+    assert resumed == whole and resumed
+
+
+def test_unset_the_stall_limit_follows_the_measured_speeds(make_settings):
+    engine = engine_with(make_settings)
+    assert engine.stall_limit() == 120.0  # nothing measured yet
+    lease = engine.acquire()
+    list(engine.generate(lease, engine.text_prompt(DOCUMENT), Sampling(max_tokens=4),
+                         GenerationStats(0)))
+    lease.release()
+    assert engine.prompt_tokens_per_second > 100  # this machine, natively
+    assert engine.stall_limit() == 60.0  # fast: the floor
+    # A device that evaluates 2 prompt tokens a second needs 16 s for the smallest chunk.
+    engine.prompt_tokens_per_second = 2.0
+    assert engine.stall_limit() == 160.0
 
 
 def test_metrics_count_requests_and_tokens(make_settings, shared_engine):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -18,7 +19,7 @@ import openai
 import pytest
 
 from appliance.exitcodes import ExitCode
-from tests.helpers import free_port, http_json
+from tests.helpers import DOCUMENT, free_port, http_json
 
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}],
         "ignore_eos": True, "temperature": 0.7}
@@ -193,6 +194,47 @@ def test_watchdog_is_withheld_while_the_engine_is_stuck(monkeypatch, notify_sock
         assert sock.recv(64) == b"WATCHDOG=1"
     finally:
         notifier.stopping()
+
+
+def test_a_long_prompt_keeps_the_watchdog_fed_and_health_ok(start_server, notify_socket):
+    """A document whose evaluation outlasts the stall limit: systemd kills a service whose
+    watchdog pings stop for longer than WatchdogSec, so they go on, and health stays ok."""
+    stall = 1.0
+    notify_path, sock = notify_socket
+    server = start_server(limits={"stall_seconds": stall}, model={"batch": 32},
+                          extra_env={"NOTIFY_SOCKET": str(notify_path),
+                                     "WATCHDOG_USEC": "200000"})
+    server.wait_ready()
+    replies: list[tuple[int, dict]] = []
+    request = threading.Thread(target=lambda: replies.append(http_json(
+        server.url + "/v1/completions", {"prompt": DOCUMENT, "max_tokens": 2}, timeout=120)))
+    pings: list[float] = []
+    sock.settimeout(0.05)
+
+    def listen() -> None:
+        while request.is_alive() or not pings:
+            with contextlib.suppress(TimeoutError):
+                if b"WATCHDOG=1" in sock.recv(4096):
+                    pings.append(time.monotonic())
+
+    started = time.monotonic()
+    request.start()
+    listener = threading.Thread(target=listen)
+    listener.start()
+    health = []
+    while request.is_alive():
+        health.append(http_json(server.url + "/health", timeout=5))
+        time.sleep(0.05)
+    ended = time.monotonic()
+    listener.join()
+    [(status, body)] = replies
+    assert status == 200 and body["usage"]["prompt_tokens"] > 1000, body
+    assert ended - started > 2 * stall, "the evaluation must outlast the stall limit"
+    assert {(code, reply["status"]) for code, reply in health} == {(200, "ok")}
+    assert any(reply["engine"]["prompt"] for _, reply in health)
+    gaps = [later - earlier for earlier, later in zip([started, *pings], [*pings, ended],
+                                                       strict=True)]
+    assert max(gaps) < stall, gaps  # never withheld: a stalled engine would stop them
 
 
 def run_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

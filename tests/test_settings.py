@@ -47,6 +47,17 @@ def test_config_check_lists_every_problem_with_path_value_and_rule(tmp_path):
     assert "extra: unknown key" in lines
 
 
+def test_an_auto_model_policy_needs_the_verify_unit(tmp_path, model_path):
+    """The fallback's restart is the verify unit's job: a service verifying itself cannot."""
+    config = tmp_path / "auto.toml"
+    config.write_text(f'[model]\npath = "{model_path}"\npolicy = "auto"\n')
+    result = config_check(config)
+    assert result.returncode == ExitCode.CONFIG_INVALID
+    assert 'model.policy = "auto" needs verify.by = "unit"' in result.stderr
+    config.write_text(f'[model]\npath = "{model_path}"\npolicy = "auto"\n[verify]\nby = "unit"\n')
+    assert config_check(config).returncode == 0
+
+
 def test_config_check_reports_broken_toml(tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("[model\npath = 1\n")

@@ -28,9 +28,10 @@ from tests.helpers import free_port, http_json, metric_value, write_config
 
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 QUICK = ("--depth", "0,32", "--n-prompt", "16", "--n-gen", "8", "--repetitions", "2")
-# A quick verification at a realistic shape; the target decides the verdict.
+# A quick verification at a realistic shape; the target decides the verdict. `pi-appliance
+# verify` runs it, as pi-llm-appliance-verify.service does on a Pi.
 QUICK_VERIFY = {"enabled": True, "depth": 64, "n_prompt": 16, "n_gen": 16, "repetitions": 2,
-                "wait_seconds": 60}
+                "wait_seconds": 60, "by": "unit"}
 
 # `vcgencmd pmic_read_adc` on a Raspberry Pi 5 (abridged): each rail's current and voltage.
 PMIC_SAMPLE = """\
@@ -228,6 +229,16 @@ def test_verification_of_a_service_that_is_not_there_says_so(tmp_path, model_pat
     assert verified.returncode == 69
     assert "could not measure" in verified.stdout and "not ready within 1 s" in verified.stdout
     assert json.loads((tmp_path / "verify.json").read_text())["result"] == "error"
+
+
+@pytest.mark.slow
+def test_a_plain_serve_verifies_itself_and_reaches_ok(start_server):
+    """No unit, nobody running `pi-appliance verify`: the quick start still reaches ok."""
+    server = start_server(verify={**QUICK_VERIFY, "target_tps": 0.5, "by": "service"})
+    body = wait_for_status(server, "ok", timeout=120)
+    assert body["verification"]["result"] == "pass"
+    assert body["verification"]["instance_id"] == body["instance_id"]
+    assert body["verification"]["measured_tps"] > 0.5
 
 
 def write_settings(tmp_path: Path, model_path: Path, port: int) -> Path:

@@ -8,6 +8,10 @@ The token loop is our own rather than llama-cpp-python's `create_completion`, wh
 re-detokenizes the whole completion on every token (quadratic in its length): here text is
 decoded incrementally, stop sequences are matched on the undelivered tail only, and every
 token refreshes the heartbeat that health and the systemd watchdog trust.
+
+Prompts are evaluated in chunks for the same reason: a 2,000-token document takes minutes on a
+Pi 5 with a 30B model, and each chunk is progress that health can show and a point at which a
+client that went away, or a shutdown, stops the work.
 """
 
 from __future__ import annotations
@@ -59,6 +63,28 @@ class QueueTimeout(Exception):
 
 class PromptTooLong(ValueError):
     pass
+
+
+# A prompt chunk is sized to take about this long at the speed measured so far, and holds at
+# least PROMPT_CHUNK_MIN_TOKENS (fewer tokens per call would waste llama.cpp's batching).
+PROMPT_CHUNK_SECONDS = 2.0
+PROMPT_CHUNK_MIN_TOKENS = 32
+# With limits.stall_seconds unset, a request is stalled after this many times its longest step
+# at the measured speeds (a prompt chunk or a token), and never sooner than the floor; before
+# anything is measured, after STALL_UNMEASURED_SECONDS.
+STALL_STEPS = 10
+STALL_FLOOR_SECONDS = 60.0
+STALL_UNMEASURED_SECONDS = 120.0
+# Weight of the newest measurement in the speeds' moving averages.
+SPEED_SMOOTHING = 0.3
+
+
+@dataclass(frozen=True)
+class PromptProgress:
+    """The prompt evaluation running now."""
+
+    evaluated: int
+    total: int
 
 
 @dataclass(frozen=True)
@@ -156,6 +182,12 @@ class Engine:
         self._busy = False
         self._waiting = 0
         self._last_progress = clock()
+        self.prompt_progress: PromptProgress | None = None
+        # Prompt tokens llama.cpp evaluated: a shared start kept in the KV cache is not counted.
+        self.prompt_tokens_evaluated = 0
+        # Measured on this device: prompt tokens per second and seconds per generated token.
+        self.prompt_tokens_per_second: float | None = None
+        self._seconds_per_token: float | None = None
         self._average_request_seconds = 5.0
         self._request_started = 0.0
         self._stop = threading.Event()
@@ -182,6 +214,7 @@ class Engine:
         with self._condition:
             if self.state is EngineState.LOADING:
                 self.state = EngineState.READY
+                self.status_line = "ready"
                 self._last_progress = self._clock()
         return self.facts
 
@@ -296,6 +329,8 @@ class Engine:
             self._average_request_seconds += 0.2 * (elapsed - self._average_request_seconds)
             self._busy = False
             self._last_progress = now
+            if self.state is EngineState.READY:
+                self.status_line = "ready"
             self._condition.notify()
 
     # ---- liveness ------------------------------------------------------------------------
@@ -304,8 +339,19 @@ class Engine:
         """Seconds since the engine last showed progress; 0 while idle (nothing is stuck)."""
         return self._clock() - self._last_progress if self._busy else 0.0
 
+    def stall_limit(self) -> float:
+        """Seconds without progress after which a request counts as stalled."""
+        if self.limits.stall_seconds is not None:
+            return self.limits.stall_seconds
+        if self.prompt_tokens_per_second is None:
+            return STALL_UNMEASURED_SECONDS
+        longest_step = max(PROMPT_CHUNK_SECONDS,
+                           PROMPT_CHUNK_MIN_TOKENS / self.prompt_tokens_per_second,
+                           self._seconds_per_token or 0.0)
+        return max(STALL_FLOOR_SECONDS, STALL_STEPS * longest_step)
+
     def is_stalled(self) -> bool:
-        return self.heartbeat_age() > self.limits.stall_seconds
+        return self.heartbeat_age() > self.stall_limit()
 
     def shut_down(self) -> None:
         """Refuse new work and make the running generation end at its next token."""
@@ -386,6 +432,10 @@ class Engine:
         pending = ""
         started = self._clock()
         first_token_at: float | None = None
+        if not self._evaluate_prompt(prompt, cancelled):
+            stats.finish_reason = "cancelled"
+            return
+        # The whole prompt is in the KV cache now: generate() finds it there and samples at once.
         tokens = llama.generate(
             prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty,
@@ -395,6 +445,9 @@ class Engine:
         try:
             for token in tokens:
                 now = self._clock()
+                if first_token_at is not None:
+                    self._seconds_per_token = _smoothed(self._seconds_per_token,
+                                                        now - self._last_progress)
                 self._last_progress = now
                 if first_token_at is None:
                     first_token_at = now
@@ -425,3 +478,54 @@ class Engine:
                 yield pending
         finally:
             tokens.close()
+
+    def _evaluate_prompt(self, prompt: list[int], cancelled: Callable[[], bool]) -> bool:
+        """Evaluate the part of `prompt` that is not in the KV cache already, in chunks; False
+        when stopped between two of them."""
+        llama = self._llama
+        # The start the last request shares (a conversation's earlier turns) is kept; the last
+        # token is always evaluated, so that its logits are fresh for sampling.
+        cached = 0
+        for had, wanted in zip(llama.input_ids[:llama.n_tokens], prompt[:-1], strict=False):
+            if had != wanted:
+                break
+            cached += 1
+        # A recurrent model's state cannot be cut at a position: it starts over.
+        if cached and llama._ctx.kv_cache_seq_rm(-1, cached, -1):
+            llama.n_tokens = cached
+        else:
+            llama.reset()
+            cached = 0
+        position = cached
+        self.prompt_progress = PromptProgress(position, len(prompt))
+        try:
+            while position < len(prompt):
+                if self._stop.is_set() or cancelled():
+                    return False
+                chunk = prompt[position:position + self._prompt_chunk_size()]
+                started = self._clock()
+                llama.eval(chunk)
+                now = self._clock()
+                position += len(chunk)
+                self.prompt_tokens_evaluated += len(chunk)
+                if now > started:
+                    self.prompt_tokens_per_second = _smoothed(self.prompt_tokens_per_second,
+                                                              len(chunk) / (now - started))
+                self._last_progress = now
+                self.prompt_progress = PromptProgress(position, len(prompt))
+                self.status_line = f"evaluating a prompt: {position} of {len(prompt)} tokens"
+            self.status_line = "generating"
+            return True
+        finally:
+            self.prompt_progress = None
+
+    def _prompt_chunk_size(self) -> int:
+        batch = self.model_settings.batch
+        if self.prompt_tokens_per_second is None:
+            return min(batch, PROMPT_CHUNK_MIN_TOKENS)
+        return min(batch, max(PROMPT_CHUNK_MIN_TOKENS,
+                              int(self.prompt_tokens_per_second * PROMPT_CHUNK_SECONDS)))
+
+
+def _smoothed(average: float | None, sample: float) -> float:
+    return sample if average is None else average + SPEED_SMOOTHING * (sample - average)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,13 @@ def engine_status(engine: Engine) -> str:
     return "stalled" if engine.is_stalled() else "ok"
 
 
+VERIFIER = {
+    "service": "waiting for the speed verification of this start, which the service runs itself",
+    "unit": "waiting for the speed verification of this start, which "
+            "pi-llm-appliance-verify.service runs (or run `pi-appliance verify`)",
+}
+
+
 def service_status(engine: Engine, settings: Settings, instance_id: str,
                    verification: dict[str, Any] | None) -> tuple[str, str | None]:
     """The status monitoring acts on, and why it is not "ok".
@@ -37,7 +45,7 @@ def service_status(engine: Engine, settings: Settings, instance_id: str,
     if status != "ok" or not settings.verify.enabled:
         return status, None
     if not verification or verification.get("instance_id") != instance_id:
-        return "verifying", "waiting for the speed verification of this start"
+        return "verifying", VERIFIER[settings.verify.by]
     if verification.get("result") == "pass":
         return "ok", None
     reason = str(verification.get("reason"))
@@ -68,6 +76,7 @@ def health() -> tuple[Response, int]:
     instance_id = current_app.extensions["appliance.instance_id"]
     verification = read_state_file(settings.verify_state_file)
     status, reason = service_status(engine, settings, instance_id, verification)
+    progress = engine.prompt_progress
     body: dict[str, Any] = {
         "status": status,
         "reason": reason,
@@ -78,8 +87,10 @@ def health() -> tuple[Response, int]:
         "model": engine.facts.as_dict() if engine.facts else None,
         "engine": {"state": engine.state.value, "detail": engine.status_line,
                    "busy": engine.busy, "queue_depth": engine.queue_depth,
+                   "prompt": asdict(progress) if progress else None,
+                   "prompt_tokens_per_second": _rounded(engine.prompt_tokens_per_second),
                    "heartbeat_age_seconds": round(engine.heartbeat_age(), 3),
-                   "stall_seconds": settings.limits.stall_seconds},
+                   "stall_seconds": round(engine.stall_limit(), 1)},
         "verification": _summary(verification),
         "model_policy": {"policy": settings.model.policy,
                          "fallback": read_state_file(settings.fallback_state_file)},
@@ -88,6 +99,10 @@ def health() -> tuple[Response, int]:
     if engine.failure is not None:
         body["error"] = str(engine.failure)
     return jsonify(body), 200 if status in HEALTHY else 503
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _summary(verification: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from appliance.hardware import sysfs
@@ -32,8 +32,27 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("appliance_requests_in_progress",
                                 "Generations running now (0 or 1)", value=int(engine.busy))
         yield GaugeMetricFamily("appliance_engine_heartbeat_age_seconds",
-                                "Seconds since the running generation last made progress",
+                                "Seconds since the running request last made progress",
                                 value=engine.heartbeat_age())
+        yield GaugeMetricFamily("appliance_engine_stall_seconds",
+                                "Seconds without progress after which health says stalled",
+                                value=engine.stall_limit())
+        progress = engine.prompt_progress
+        evaluation = GaugeMetricFamily(
+            "appliance_prompt_evaluation_tokens",
+            "The prompt evaluation running now: tokens evaluated and in all (0 when none runs)",
+            labels=["of"])
+        evaluation.add_metric(["evaluated"], progress.evaluated if progress else 0)
+        evaluation.add_metric(["total"], progress.total if progress else 0)
+        yield evaluation
+        yield CounterMetricFamily(
+            "appliance_prompt_tokens_evaluated",
+            "Prompt tokens evaluated; fewer than prompt_tokens when a conversation's start was "
+            "still in the KV cache", value=engine.prompt_tokens_evaluated)
+        if engine.prompt_tokens_per_second is not None:
+            yield GaugeMetricFamily("appliance_prompt_evaluation_tokens_per_second",
+                                    "Prompt evaluation speed measured (moving average)",
+                                    value=engine.prompt_tokens_per_second)
         ready = GaugeMetricFamily("appliance_engine_state", "Engine state (1 = current)",
                                   labels=["state"])
         for state in type(engine.state):

@@ -71,6 +71,17 @@ def serve(settings: Settings) -> int:
             return
         log.info("%s", _describe(engine))
         notifier.ready(_describe(engine))
+        if settings.verify.enabled and settings.verify.by == "service":
+            verify_this_start()
+
+    def verify_this_start() -> None:
+        # Deferred: only a service that verifies itself needs the benchmark's code.
+        from appliance.verification.verify import verify
+
+        try:
+            verify(settings)
+        except Exception:  # the service keeps serving; /health stays "verifying" and says why
+            log.exception("the speed verification of this start failed")
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
