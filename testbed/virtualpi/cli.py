@@ -21,11 +21,11 @@ EXIT_HOST_ERROR = 2
 # What sets a virtual Pi apart from a real one, for the playbook (see testbed/README.md).
 VIRTUAL_PI_VARS = """\
       vars:
-        # Under emulation generation is ~50x slower than on a real Pi 5 (1.1-1.9 tok/s measured
-        # here): an honest low target, with room for a busy host, and a short verification. The
-        # mechanism is what is tested, not the speed.
+        # Under emulation (qemu 10) generation is far slower than on a real Pi 5: Trixie 1.17,
+        # Bookworm 0.49 tok/s measured here on an idle host. A low target with room for a busy
+        # one, and a short verification: the mechanism is what is tested, not the speed.
         service_context: 2048
-        service_verify_target_tps: 0.5
+        service_verify_target_tps: 0.2
         service_verify_depth: 64
         service_verify_n_prompt: 16
         service_verify_n_gen: 16
