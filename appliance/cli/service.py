@@ -41,6 +41,10 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(settings.log_level)
     from appliance.service.server import serve  # deferred: waitress and the native library
 
+    if settings.verify.enabled and settings.verify.by == "service":
+        from appliance.verification.verify import verify
+
+        return serve(settings, when_loaded=lambda: verify(settings))
     return serve(settings)
 
 

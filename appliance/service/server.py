@@ -11,6 +11,7 @@ import errno
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 import waitress
@@ -31,7 +32,9 @@ def _describe(engine: Engine) -> str:
             f"context {facts.context}), loaded in {facts.load_seconds:.1f} s")
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, when_loaded: Callable[[], object] | None = None) -> int:
+    """Serve until a signal; `when_loaded` runs once the model is (the self-verification, which
+    lives in a layer above this one)."""
     notifier = Notifier()
     engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
     app = create_app(settings, engine)
@@ -71,17 +74,11 @@ def serve(settings: Settings) -> int:
             return
         log.info("%s", _describe(engine))
         notifier.ready(_describe(engine))
-        if settings.verify.enabled and settings.verify.by == "service":
-            verify_this_start()
-
-    def verify_this_start() -> None:
-        # Deferred: only a service that verifies itself needs the benchmark's code.
-        from appliance.verification.verify import verify
-
-        try:
-            verify(settings)
-        except Exception:  # the service keeps serving; /health stays "verifying" and says why
-            log.exception("the speed verification of this start failed")
+        if when_loaded is not None:
+            try:
+                when_loaded()
+            except Exception:  # the service keeps serving; /health says what it waits for
+                log.exception("what runs once the model is loaded failed")
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
