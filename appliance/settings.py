@@ -248,16 +248,20 @@ class Settings(_Section):
         default="info", description="`debug`, `info`, `warning` or `error`")
 
     @model_validator(mode="after")
+    def _auto_policy_has_the_verify_unit(self) -> Settings:
+        if self.model.policy == "auto" and self.verify.enabled and self.verify.by != "unit":
+            raise ValueError(
+                'model.policy = "auto" needs verify.by = "unit": after a fallback to another '
+                "model, pi-llm-appliance-verify.service restarts the service")
+        return self
+
+    @model_validator(mode="after")
     def _verification_fits_context(self) -> Settings:
         verify = self.verify
         room = self.model.context - verify.n_prompt - verify.n_gen
         if "depth" not in verify.model_fields_set and 0 <= room < verify.depth:
             # The default depth, in a smaller context: as deep as it fits.
             return self.model_copy(update={"verify": verify.model_copy(update={"depth": room})})
-        if self.model.policy == "auto" and verify.enabled and verify.by != "unit":
-            raise ValueError(
-                'model.policy = "auto" needs verify.by = "unit": after a fallback to another '
-                "model, pi-llm-appliance-verify.service restarts the service")
         needed = verify.depth + verify.n_prompt + verify.n_gen
         if verify.enabled and needed > self.model.context:
             raise ValueError(

@@ -222,11 +222,17 @@ def test_health_carries_the_last_verification(client, settings):
     assert client.get("/health").get_json()["verification"] == result
 
 
+def loaded_engine(settings) -> Engine:
+    """An engine of its own, for a test that changes its state or its settings."""
+    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
+    engine.load()
+    return engine
+
+
 def client_holding_the_model(make_settings, **limits):
     """A client on its own engine, and a stream that holds the model after its first chunk."""
     settings = make_settings(limits=limits)
-    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
-    engine.load()
+    engine = loaded_engine(settings)
     client = create_app(settings, engine).test_client()
     holding = client.post("/v1/chat/completions",
                           json={**CHAT, "stream": True, "max_tokens": 50, "ignore_eos": True})
@@ -255,19 +261,11 @@ def test_stuck_generation_makes_health_not_ok(make_settings):
     assert client.get("/health").status_code == 200
 
 
-def engine_with(make_settings, **sections) -> Engine:
-    settings = make_settings(**sections)
-    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
-    engine.load()
-    return engine
-
-
 def test_a_prompt_that_outlasts_the_stall_limit_keeps_health_ok_and_shows_progress(
         make_settings):
     stall = 1.0
     settings = make_settings(limits={"stall_seconds": stall}, model={"batch": 32})
-    engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
-    engine.load()
+    engine = loaded_engine(settings)
     client = create_app(settings, engine).test_client()
     seen: list[tuple[int, dict]] = []
     done = threading.Event()
@@ -296,7 +294,7 @@ def test_a_prompt_that_outlasts_the_stall_limit_keeps_health_ok_and_shows_progre
 
 def test_a_cancelled_prompt_stops_between_chunks_and_its_evaluated_start_is_reused(
         make_settings, shared_engine):
-    engine = engine_with(make_settings, model={"batch": 32})
+    engine = loaded_engine(make_settings(model={"batch": 32}))
     prompt = engine.text_prompt(DOCUMENT)
     greedy = Sampling(max_tokens=8, temperature=0.0, ignore_eos=True)
     checks: list[int] = []
@@ -326,7 +324,7 @@ def test_a_cancelled_prompt_stops_between_chunks_and_its_evaluated_start_is_reus
 
 
 def test_unset_the_stall_limit_follows_the_measured_speeds(make_settings):
-    engine = engine_with(make_settings)
+    engine = loaded_engine(make_settings())
     assert engine.stall_limit() == 120.0  # nothing measured yet
     lease = engine.acquire()
     list(engine.generate(lease, engine.text_prompt(DOCUMENT), Sampling(max_tokens=4),

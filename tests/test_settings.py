@@ -50,7 +50,8 @@ def test_config_check_lists_every_problem_with_path_value_and_rule(tmp_path):
 def test_an_auto_model_policy_needs_the_verify_unit(tmp_path, model_path):
     """The fallback's restart is the verify unit's job: a service verifying itself cannot."""
     config = tmp_path / "auto.toml"
-    config.write_text(f'[model]\npath = "{model_path}"\npolicy = "auto"\n')
+    # A small context too, where the verification's depth is fitted to it.
+    config.write_text(f'[model]\npath = "{model_path}"\npolicy = "auto"\ncontext = 512\n')
     result = config_check(config)
     assert result.returncode == ExitCode.CONFIG_INVALID
     assert 'model.policy = "auto" needs verify.by = "unit"' in result.stderr

@@ -76,7 +76,7 @@ def health() -> tuple[Response, int]:
     instance_id = current_app.extensions["appliance.instance_id"]
     verification = read_state_file(settings.verify_state_file)
     status, reason = service_status(engine, settings, instance_id, verification)
-    progress = engine.prompt_progress
+    progress, speed = engine.prompt_progress, engine.prompt_tokens_per_second
     body: dict[str, Any] = {
         "status": status,
         "reason": reason,
@@ -88,7 +88,7 @@ def health() -> tuple[Response, int]:
         "engine": {"state": engine.state.value, "detail": engine.status_line,
                    "busy": engine.busy, "queue_depth": engine.queue_depth,
                    "prompt": asdict(progress) if progress else None,
-                   "prompt_tokens_per_second": _rounded(engine.prompt_tokens_per_second),
+                   "prompt_tokens_per_second": speed and round(speed, 1),
                    "heartbeat_age_seconds": round(engine.heartbeat_age(), 3),
                    "stall_seconds": round(engine.stall_limit(), 1)},
         "verification": _summary(verification),
@@ -99,10 +99,6 @@ def health() -> tuple[Response, int]:
     if engine.failure is not None:
         body["error"] = str(engine.failure)
     return jsonify(body), 200 if status in HEALTHY else 503
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
 
 
 def _summary(verification: dict[str, Any] | None) -> dict[str, Any] | None:
