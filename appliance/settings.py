@@ -25,7 +25,6 @@ from pydantic import (
 
 from appliance import layout
 from appliance.exitcodes import ConfigError
-from appliance.hardware.sysfs import physical_core_count
 from appliance.util import LOOPBACK_HOSTS
 
 DEFAULT_CONFIG_PATH = layout.CONFIG_FILE
@@ -141,10 +140,16 @@ class ModelSettings(_Section):
         "file's stem"))
     sha256: str | None = Field(default=None, description=(
         "pinned checksum; a mismatch refuses to load (exit 65)"))
-    threads: int = Field(default_factory=physical_core_count, ge=1, le=256, description=(
-        "inference threads; unset: the physical cores (llama-cpp-python's own default is "
-        "`cpu_count // 2`)"))
+    threads: int | None = Field(default=None, ge=1, le=256, description=(
+        "inference threads; unset: measured, the fastest decode of 1…physical cores on the "
+        "loaded model, timed at its first start and stored per model in "
+        "`<state_dir>/threads.json`"))
     context: int = Field(default=4096, ge=128, le=262_144, description="context size in tokens")
+    flash_attention: bool = Field(default=True, description=(
+        "llama.cpp's flash attention (decode at depth, docs/benchmarks.md); `false`: plain"))
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(default="f16", description=(
+        "KV cache element type; `q8_0` halves its memory, `q4_0` quarters it (both need "
+        "`flash_attention`); the planner budgets for it"))
     batch: int = Field(default=512, ge=16, le=8192, description="prompt-processing batch")
     mlock: bool = Field(default=False, description=(
         "lock the model in RAM (the unit then needs `LimitMEMLOCK=infinity`)"))
@@ -164,6 +169,14 @@ class ModelSettings(_Section):
         if len(digest) != 64 or not SHA256_DIGITS.issuperset(digest):
             raise ValueError("must be 64 hexadecimal digits, as `sha256sum FILE` prints")
         return digest
+
+    @model_validator(mode="after")
+    def _quantized_cache_needs_flash_attention(self) -> ModelSettings:
+        if self.kv_cache_type != "f16" and not self.flash_attention:
+            raise ValueError(f"model.kv_cache_type = {self.kv_cache_type!r} needs "
+                             "model.flash_attention = true: llama.cpp quantizes the V cache "
+                             "only with flash attention")
+        return self
 
     @property
     def model_id(self) -> str:
@@ -221,9 +234,13 @@ class VerifySettings(_Section):
         "decode tokens/s the service must reach at `verify.depth`"))
     tolerance: float = Field(default=0.05, ge=0, lt=1, description=(
         "pass at `target_tps × (1 − tolerance)`: run-to-run noise must not flip the verdict"))
-    depth: int = Field(default=1024, ge=0, le=262_144, description=(
-        "context tokens before the timed generation (a realistic conversation); left unset in a "
-        "smaller `model.context`, as deep as fits"))
+    depth: int = Field(default=0, ge=0, le=262_144, description=(
+        "context tokens before the timed generation that is gated: 0 is how the published Pi 5 "
+        "figures are measured (llama-bench `tg128`); set it to gate at depth"))
+    conversation_depth: int = Field(default=1024, ge=0, le=262_144, description=(
+        "a second decode figure, at this depth (a conversation under way), measured and "
+        "reported beside the gated one, not gated; 0: none; left unset in a smaller "
+        "`model.context`, as deep as fits"))
     n_prompt: int = Field(default=64, ge=1, le=8192, description="the verification's prompt tokens")
     n_gen: int = Field(default=64, ge=8, le=4096, description="tokens generated per timed pass")
     repetitions: int = Field(default=3, ge=1, le=50, description="timed passes (the median counts)")
@@ -236,6 +253,12 @@ class VerifySettings(_Section):
         "`pi-appliance serve` reaches `ok`), or `unit`, pi-llm-appliance-verify.service (what "
         "provisioning installs; `model.policy = \"auto\"` needs it, to restart after a "
         "fallback)"))
+
+    @property
+    def depths(self) -> list[int]:
+        """The depths a verification measures: the gated one first."""
+        extra = self.conversation_depth not in (0, self.depth)
+        return [self.depth, self.conversation_depth] if extra else [self.depth]
 
 
 class Settings(_Section):
@@ -259,15 +282,19 @@ class Settings(_Section):
     def _verification_fits_context(self) -> Settings:
         verify = self.verify
         room = self.model.context - verify.n_prompt - verify.n_gen
-        if "depth" not in verify.model_fields_set and 0 <= room < verify.depth:
+        if ("conversation_depth" not in verify.model_fields_set
+                and 0 <= room < verify.conversation_depth):
             # The default depth, in a smaller context: as deep as it fits.
-            return self.model_copy(update={"verify": verify.model_copy(update={"depth": room})})
-        needed = verify.depth + verify.n_prompt + verify.n_gen
-        if verify.enabled and needed > self.model.context:
+            verify = verify.model_copy(update={"conversation_depth": room})
+        deepest = max(verify.depth, verify.conversation_depth)
+        if verify.enabled and deepest > room:
             raise ValueError(
-                f"verify.depth + verify.n_prompt + verify.n_gen = {needed} tokens does not fit "
-                f"in model.context = {self.model.context}: lower verify.depth or raise the context")
-        return self
+                f"a verification at depth {deepest} needs "
+                f"{deepest + verify.n_prompt + verify.n_gen} tokens (with verify.n_prompt and "
+                f"verify.n_gen), more than model.context = "
+                f"{self.model.context}: lower verify.depth or verify.conversation_depth, or raise "
+                "the context")
+        return self if verify is self.verify else self.model_copy(update={"verify": verify})
 
     @property
     def verify_state_file(self) -> Path:

@@ -7,7 +7,12 @@ Every server is measured by the same client (appliance.bench's streaming one): p
 (prompt tokens / time to first token), decode (tokens after the first / time from first to last),
 and time to first token, after a warm-up, median of N passes. Ratios are to llama-bench's tg.
 
-    .venv/bin/python benchmarks/peers.py --threads 1 --write docs/benchmarks.md
+Then, at the largest thread count: decode at depth 0 and at --depth (1024) with flash attention
+off and on, for llama-bench (`-d`, `-fa`) and for the appliance (`model.flash_attention`), with
+each one's ratio deep / shallow; and the thread sweep, llama-bench's tg by count beside the count
+the appliance measures and keeps on its own (`model.threads` unset).
+
+    .venv/bin/python benchmarks/peers.py --threads 1 2 --write docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -95,6 +100,32 @@ def llama_bench(prefix: Path, model: Path, threads: int, spec: BenchSpec) -> dic
             "build": tg.get("build_commit")}
 
 
+def llama_bench_tg(prefix: Path, model: Path, spec: BenchSpec, *, threads: list[int],
+                   depths: list[int], flash: list[int]) -> dict[tuple[int, int, int], float]:
+    """llama-bench's tg (tok/s) for every (threads, depth, flash attention) combination."""
+    result = subprocess.run(
+        [prefix / "bin" / "llama-bench", "-m", model, "-p", "0", "-n", str(spec.n_gen),
+         "-r", str(spec.repetitions), "-t", ",".join(map(str, threads)),
+         "-d", ",".join(map(str, depths)), "-fa", ",".join(map(str, flash)), "-o", "json"],
+        capture_output=True, text=True, check=True, timeout=3600)
+    return {(run["n_threads"], run["n_depth"], int(run["flash_attn"])): run["avg_ts"]
+            for run in json.loads(result.stdout) if run["n_gen"]}
+
+
+@contextmanager
+def appliance(model: Path, model_settings: str):
+    """The appliance serving `model`, configured with the given [model] lines."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as state:
+        config = Path(state) / "appliance.toml"
+        config.write_text(
+            f'[server]\nport = {port}\n[model]\npath = "{model}"\ncontext = {CONTEXT}\n'
+            f'{model_settings}[paths]\nstate_dir = "{state}"\n[verify]\nenabled = false\n')
+        with running([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
+                     port, "appliance") as url:
+            yield url
+
+
 def through_api(url: str, spec: BenchSpec, extra_body: dict[str, Any]) -> dict[str, Any]:
     runner = ThroughService(Endpoint(url, extra_body=extra_body), spec)
     row = summarize(run_passes(runner, spec, log))[0]
@@ -136,17 +167,59 @@ def measure(model: Path, threads: int, spec: BenchSpec) -> dict[str, dict[str, A
         figures["llama_cpp.server"] = through_api(
             url, spec, {"logit_bias": {str(eos_token(model)): -100}})
 
-    port = free_port()
     log("appliance")
-    with tempfile.TemporaryDirectory() as state:
-        config = Path(state) / "appliance.toml"
-        config.write_text(
-            f'[server]\nport = {port}\n[model]\npath = "{model}"\nthreads = {threads}\n'
-            f'context = {CONTEXT}\n[paths]\nstate_dir = "{state}"\n[verify]\nenabled = false\n')
-        with running([sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)],
-                     port, "appliance") as url:
-            figures["appliance"] = through_api(url, spec, {"ignore_eos": True})
+    with appliance(model, f"threads = {threads}\n") as url:
+        figures["appliance"] = through_api(url, spec, {"ignore_eos": True})
     return figures
+
+
+def attention_at_depth(model: Path, threads: int, depth: int,
+                       spec: BenchSpec) -> dict[str, dict[int, float]]:
+    """tg at depth 0 and `depth`, flash attention off and on: llama-bench and the appliance."""
+    prefix = llamacpp.ensure_build(target=llamacpp.NATIVE)
+    log(f"llama-bench at depths 0 and {depth}, -fa 0 and 1")
+    bench = llama_bench_tg(prefix, model, spec, threads=[threads], depths=[0, depth],
+                           flash=[0, 1])
+    rows = {f"llama-bench -fa {flash}": {d: bench[threads, d, flash] for d in (0, depth)}
+            for flash in (0, 1)}
+    deep = BenchSpec(depths=[0, depth], n_prompt=spec.n_prompt, n_gen=spec.n_gen,
+                     repetitions=spec.repetitions)
+    for flash in ("false", "true"):
+        log(f"appliance at depths 0 and {depth}, flash_attention = {flash}")
+        with appliance(model, f"threads = {threads}\nflash_attention = {flash}\n") as url:
+            passes = run_passes(ThroughService(Endpoint(url, extra_body={"ignore_eos": True}),
+                                               deep), deep, log)
+        rows[f"appliance flash_attention = {flash}"] = {
+            row["depth"]: row["tg_tokens_per_second"]["median"] for row in summarize(passes)}
+    return rows
+
+
+def attention_table(rows: dict[str, dict[int, float]], depth: int) -> str:
+    lines = [f"| system | tg tok/s at depth 0 | tg tok/s at depth {depth} | depth {depth} / 0 |",
+             "|---|---:|---:|---:|"]
+    for name, tg in rows.items():
+        lines.append(f"| {name} | {tg[0]:.2f} | {tg[depth]:.2f} | {tg[depth] / tg[0]:.3f} |")
+    return "\n".join(lines)
+
+
+def thread_sweep(model: Path, spec: BenchSpec) -> str:
+    """llama-bench's tg at every count beside the count the appliance measures and keeps."""
+    counts = list(range(1, (os.cpu_count() or 1) + 1))
+    prefix = llamacpp.ensure_build(target=llamacpp.NATIVE)
+    log(f"llama-bench at threads {counts}")
+    bench = llama_bench_tg(prefix, model, spec, threads=counts, depths=[0], flash=[1])
+    log("appliance with model.threads unset")
+    with appliance(model, "") as url, urllib.request.urlopen(url + "/health") as reply:  # noqa: S310 - http on loopback
+        choice = json.load(reply)["model"]["threads_choice"]
+    own = choice["tg_tokens_per_second"]
+    lines = ["| threads | llama-bench tg tok/s | appliance's own timing, tok/s |",
+             "|---:|---:|---:|"]
+    lines += [f"| {count} | {bench[count, 0, 1]:.2f} | {own[str(count)]:.2f} |"
+              for count in counts]
+    fastest = max(counts, key=lambda count: bench[count, 0, 1])
+    lines.append(f"\nllama-bench is fastest at {fastest} thread(s); the appliance kept "
+                 f"{choice['threads']}.")
+    return "\n".join(lines)
 
 
 def table(figures: dict[str, dict[str, Any]]) -> str:
@@ -194,6 +267,8 @@ def main() -> int:
     parser.add_argument("--n-prompt", type=int, default=128)
     parser.add_argument("--n-gen", type=int, default=64)
     parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--depth", type=int, default=1024,
+                        help="the deep context for the attention comparison (default 1024)")
     parser.add_argument("--write", type=Path, help="write the tables into this Markdown file")
     args = parser.parse_args()
     spec = BenchSpec(depths=[0], n_prompt=args.n_prompt, n_gen=args.n_gen,
@@ -203,6 +278,13 @@ def main() -> int:
         figures = measure(args.model, threads, spec)
         sections.append(f"### {threads} thread{'s' if threads > 1 else ''}\n\n{table(figures)}\n")
         print(sections[-1])
+    threads = max(args.threads)
+    attention = attention_at_depth(args.model, threads, args.depth, spec)
+    sections.append(f"### Attention at depth ({threads} threads)\n\n"
+                    f"{attention_table(attention, args.depth)}\n")
+    print(sections[-1])
+    sections.append(f"### Thread sweep\n\n{thread_sweep(args.model, spec)}\n")
+    print(sections[-1])
     if args.write:
         write_tables(args, "\n".join(sections))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -400,3 +401,48 @@ def test_every_generation_runs_on_the_one_inference_thread(make_settings, shared
         caller.start()
         caller.join()
     assert len(threads) == 1 and threads.pop().startswith("inference")
+
+
+def test_unset_threads_are_measured_once_per_model_and_kept(make_settings, monkeypatch):
+    """Decode is timed at 1…physical cores on the loaded model; the fastest serves, and a restart
+    of the same model reads the figures instead of timing again."""
+    monkeypatch.setattr("appliance.service.engine.physical_core_count", lambda: 2)
+    settings = make_settings(model={"threads": None})
+    engine = loaded_engine(settings)
+    choice = engine.facts.threads_choice
+    rates = {int(count): rate for count, rate in choice["tg_tokens_per_second"].items()}
+    assert choice["source"] == "measured" and set(rates) == {1, 2}
+    assert engine.facts.threads == choice["threads"]
+    assert rates[choice["threads"]] >= 0.98 * max(rates.values())
+    stored = json.loads((settings.paths.state_dir / "threads.json").read_text())
+    assert stored[engine.facts.sha256]["threads"] == choice["threads"]
+    # It serves with the kept count, and the next start does not time again.
+    assert greedy_answer(engine)
+    monkeypatch.setattr("appliance.service.tuning.decode_rates", pytest.fail)
+    again = loaded_engine(settings).facts.threads_choice
+    assert again["measured_at"] == choice["measured_at"]
+    # A number in the configuration is used as given.
+    assert loaded_engine(make_settings()).facts.threads_choice == {
+        "threads": 2, "source": "model.threads"}
+
+
+def greedy_answer(engine: Engine, question: str = "Name three colours.") -> str:
+    prompt, _stops = engine.chat_prompt([{"role": "user", "content": question}])
+    lease = engine.acquire()
+    try:
+        return "".join(engine.generate(lease, prompt, Sampling(max_tokens=12, temperature=0.0),
+                                       GenerationStats(len(prompt))))
+    finally:
+        lease.release()
+
+
+@pytest.mark.parametrize(("flash", "cache"), [(False, "f16"), (True, "q8_0"), (True, "q4_0")])
+def test_flash_attention_and_kv_cache_type_serve_the_same_answers(make_settings, flash, cache,
+                                                                   shared_engine):
+    """Each attention setting loads and answers as the default engine does. Greedy output drifts
+    after a few tokens (other kernels round differently), so the opening is compared."""
+    engine = loaded_engine(make_settings(model={"flash_attention": flash,
+                                                "kv_cache_type": cache}))
+    assert (engine.facts.flash_attention, engine.facts.kv_cache_type) == (flash, cache)
+    answer, default = greedy_answer(engine), greedy_answer(shared_engine)
+    assert re.findall(r"\w+", answer)[:2] == re.findall(r"\w+", default)[:2], (answer, default)

@@ -20,10 +20,14 @@ from appliance.planning.planner import (
     calibrate,
     device_from_profile,
     plan,
+    quality_rank,
 )
+from appliance.planning.report import draw
+from appliance.util import human_bytes
 from tests.helpers import GIB, write_config
 
 QWEN_30B = "qwen3-30b-a3b-2507-q3_k_s-2.70bpw"
+QWEN_06B = "qwen3-0.6b-q8_0"
 LLAMA_1B = "llama-3.2-1b-instruct-q4_k_m"
 
 
@@ -64,6 +68,46 @@ def test_the_catalog_has_the_required_variants_with_their_checksums(catalog):
         assert variant.family.license
 
 
+def test_every_variant_has_a_quality_figure_with_its_source_or_says_why_not(catalog):
+    # One benchmark for every family, or the scores would not compare.
+    assert {variant.family.benchmark for variant in catalog.values()} == {"MMLU"}
+    for variant in catalog.values():
+        family = variant.family
+        assert family.benchmark_source, f"{family.key}: no source for its score, or its absence"
+        assert variant.quality_source, f"{variant.id}: no source for its retention, or its absence"
+        assert variant.quality_percent is None or 0 < variant.quality_percent <= 100
+    # ByteShape's measured 94.18 % of BF16 on Qwen's published 81.38.
+    assert catalog[QWEN_30B].quality_score == pytest.approx(81.38 * 0.9418)
+    # Unmeasured: the unquantized model's score, an upper bound; unpublished: none.
+    assert catalog[LLAMA_1B].quality_score == 49.3
+    assert catalog["gemma-3-270m-q4_k_m"].quality_score is None
+
+
+def test_quality_ranks_by_published_scores_then_bits_and_unscored_models_last(catalog):
+    ranked = sorted(catalog.values(), key=quality_rank, reverse=True)
+    # The 30B at 2.70 bits keeps 76.6 of its 81.4: still above the 4B's unquantized 73.0.
+    assert [variant.id for variant in ranked][:4] == [
+        "qwen3-30b-a3b-2507-iq4_xs-3.63bpw", "qwen3-30b-a3b-2507-q3_k_s-3.25bpw", QWEN_30B,
+        "qwen3-4b-2507-q4_k_s-3.87bpw"]
+    # Qwen3-0.6B's MMLU (52.81) is above Llama 3.2 1B's (49.3), whatever their sizes.
+    assert ranked.index(catalog[QWEN_06B]) < ranked.index(catalog[LLAMA_1B])
+    assert [variant.id for variant in ranked][-2:] == ["gemma-3-270m-q4_k_m",
+                                                       "smollm2-135m-instruct-q4_1"]
+    # Within a family more bits rank higher: what a missing retention is estimated by.
+    for family in {variant.family.key for variant in ranked}:
+        bits = [variant.bits_per_weight for variant in ranked if variant.family.key == family]
+        assert bits == sorted(bits, reverse=True), family
+
+
+def test_the_table_shows_each_quality_figure_and_marks_the_estimates(capsys):
+    _, out = run(capsys, "--device", "raspberry-pi-5-16gb", "--depth", "0")
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:1].isalpha()}
+    assert " 76.6  chosen" in rows[QWEN_30B]
+    assert " ≤52.8 est  fits" in rows[QWEN_06B]
+    assert "  -  fits" in rows["gemma-3-270m-q4_k_m"]
+    assert "quality  MMLU (the maker's figure) × the quantizer's measured retention" in out
+
+
 def test_kv_cache_and_weights_read_per_token_follow_the_architecture(catalog):
     qwen = catalog[QWEN_30B]
     assert qwen.family.kv_bytes_per_token("f16") == 96 * 1024  # llm-on-pi5.md: 96 KiB/token
@@ -99,7 +143,7 @@ def test_a_pi5_16gb_fits_the_30b_which_reaches_8_only_at_an_empty_context(calibr
     assert verdicts(empty)["qwen3-30b-a3b-2507-q3_k_s-3.25bpw"].startswith("predicted 7.")
 
     conversation = plan_for("raspberry-pi-5-16gb", calibration, depth=1024)
-    assert conversation.choice.variant.id == LLAMA_1B
+    assert conversation.choice.variant.id == QWEN_06B
     assert verdicts(conversation)[QWEN_30B] == "predicted 7.2 tok/s < 7.60 (target 8)"
     # A lower target brings the 30B back: fit first, then speed, then quality.
     relaxed = plan_for("raspberry-pi-5-16gb", calibration, depth=1024, target_tps=7)
@@ -109,13 +153,14 @@ def test_a_pi5_16gb_fits_the_30b_which_reaches_8_only_at_an_empty_context(calibr
 def test_a_pi5_8gb_cannot_hold_the_30b(calibration):
     result = plan_for("raspberry-pi-5-8gb", calibration)
     assert verdicts(result)[QWEN_30B] == "needs 10.29 GB, budget 6.61 GB"
-    assert result.choice.variant.id == LLAMA_1B
+    assert result.choice.variant.id == QWEN_06B
+    assert verdicts(result)[LLAMA_1B].endswith(f"but lower quality than {QWEN_06B}")
     assert verdicts(result)["qwen3-4b-2507-q4_k_s-3.87bpw"].endswith("< 7.60 (target 8)")
 
 
 def test_a_pi5_4gb_and_2gb_plan_within_their_memory(calibration):
     four = plan_for("raspberry-pi-5-4gb", calibration)
-    assert four.choice.variant.id == LLAMA_1B
+    assert four.choice.variant.id == QWEN_06B
     assert verdicts(four)["qwen3-30b-a3b-2507-q3_k_s-3.25bpw"].startswith("needs 12.42 GB")
     two = plan_for("raspberry-pi-5-2gb", calibration)
     assert two.choice.variant.id == "gemma-3-270m-q4_k_m"
@@ -191,6 +236,28 @@ def test_the_plot_is_a_png(capsys, tmp_path: Path):
     code, _ = run(capsys, "--device", "raspberry-pi-5-16gb", "--plot", str(target))
     assert code == 0
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and target.stat().st_size > 20_000
+
+
+def test_the_plot_reads_like_the_table(calibration, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    result = plan_for("raspberry-pi-5-16gb", calibration, depth=0)
+    figure = draw(result, tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    texts = [text.get_text() for text in figure.findobj(lambda artist: hasattr(artist, "get_text"))]
+    # Plain numbers on the log axes, not matplotlib's 10ⁿ and 6×10¹.
+    ticks = [label.get_text() for axes in figure.axes for label in axes.get_xticklabels()]
+    assert "10" in ticks and "0.5" in ticks
+    assert not [text for text in texts if "10^" in text or "×10" in text or "$" in text]
+    # The budget line is where the table's budget puts it: the choice's weights budget plus
+    # its KV cache, which the bars include; its legend entry names the table's figure.
+    budget = result.budget(result.choice.variant)
+    [line] = [line for axes in figure.axes for line in axes.lines if line.get_gid() == "budget"]
+    assert line.get_xdata()[0] == (budget.weights_bytes + budget.kv_cache_bytes) / 1e9
+    assert f"the choice: {human_bytes(budget.weights_bytes)} for the weights" in line.get_label()
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert {"chosen", "fits, too slow", "does not fit"} <= set(legend)
+    assert any(text.startswith("target 8 tok/s") for text in legend)
+    assert f"raspberry-pi-5-16gb: {QWEN_30B}, the best quality that fits" in " ".join(texts)
 
 
 def test_the_plan_is_for_the_appliances_own_configuration(capsys, tmp_path, model_path):

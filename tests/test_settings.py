@@ -93,13 +93,20 @@ def test_environment_names_the_config_file(tmp_path, model_path, monkeypatch):
         load_settings(None, {"model": {"path": str(model_path)}}, require_file=False)
 
 
-def test_quick_start_needs_no_file_and_threads_default_to_physical_cores(model_path,
-                                                                         monkeypatch):
+def test_quick_start_needs_no_file_and_leaves_threads_to_measurement(model_path, monkeypatch):
     monkeypatch.delenv("PI_APPLIANCE_CONFIG", raising=False)
     monkeypatch.setattr("appliance.settings.DEFAULT_CONFIG_PATH", Path("/nonexistent.toml"))
     settings = load_settings(None, {"model": {"path": str(model_path)}}, require_file=False)
-    assert settings.model.threads == physical_core_count()
-    assert settings.model.threads <= len(os.sched_getaffinity(0))
+    assert settings.model.threads is None  # the engine times 1…physical cores and keeps one
+    assert physical_core_count() <= len(os.sched_getaffinity(0))
+
+
+def test_a_quantized_kv_cache_needs_flash_attention(model_path):
+    with pytest.raises(ConfigError, match="needs model.flash_attention = true"):
+        validate({"model": {"path": str(model_path), "kv_cache_type": "q8_0",
+                            "flash_attention": False}}, "appliance.toml")
+    settings = validate({"model": {"path": str(model_path), "kv_cache_type": "q8_0"}}, "x")
+    assert settings.model.flash_attention and settings.model.kv_cache_type == "q8_0"
 
 
 def test_physical_cores_ignore_smt_siblings(tmp_path):

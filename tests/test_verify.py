@@ -30,8 +30,8 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 QUICK = ("--depth", "0,32", "--n-prompt", "16", "--n-gen", "8", "--repetitions", "2")
 # A quick verification at a realistic shape; the target decides the verdict. `pi-appliance
 # verify` runs it, as pi-llm-appliance-verify.service does on a Pi.
-QUICK_VERIFY = {"enabled": True, "depth": 64, "n_prompt": 16, "n_gen": 16, "repetitions": 2,
-                "wait_seconds": 60, "by": "unit"}
+QUICK_VERIFY = {"enabled": True, "conversation_depth": 64, "n_prompt": 16, "n_gen": 16,
+                "repetitions": 2, "wait_seconds": 60, "by": "unit"}
 
 # `vcgencmd pmic_read_adc` on a Raspberry Pi 5 (abridged): each rail's current and voltage.
 PMIC_SAMPLE = """\
@@ -122,13 +122,20 @@ def test_power_is_summed_over_the_pmic_rails():
 
 
 def test_a_verification_that_cannot_fit_the_context_is_a_config_error(model_path):
-    with pytest.raises(ConfigError) as error:
-        validate({"model": {"path": str(model_path), "context": 512},
-                  "verify": {"depth": 1024}}, "appliance.toml")
-    assert "verify.depth" in str(error.value) and "model.context = 512" in str(error.value)
-    # Left at its default, the depth shrinks to what the context holds.
+    for key in ("depth", "conversation_depth"):
+        with pytest.raises(ConfigError) as error:
+            validate({"model": {"path": str(model_path), "context": 512},
+                      "verify": {key: 1024}}, "appliance.toml")
+        assert "needs 1152 tokens" in str(error.value)
+        assert "model.context = 512" in str(error.value)
+    # Left at its default, the conversation's depth shrinks to what the context holds; the gate
+    # stays where the published figures are measured.
     settings = validate({"model": {"path": str(model_path), "context": 512}}, "appliance.toml")
-    assert settings.verify.depth == 512 - 64 - 64
+    assert settings.verify.depths == [0, 512 - 64 - 64]
+    # An operator who wants the gate at depth sets it; one figure is then enough.
+    settings = validate({"model": {"path": str(model_path)},
+                         "verify": {"depth": 1024}}, "appliance.toml")
+    assert settings.verify.depths == [1024]
 
 
 def test_an_interrupted_write_leaves_the_previous_verdict(tmp_path, monkeypatch):
@@ -186,7 +193,11 @@ def test_verification_that_passes_turns_verifying_into_ok(start_server, tmp_path
     assert result["result"] == "pass" and result["measured_tps"] > 0.5
     on_disk = json.loads((tmp_path / "verify.json").read_text())
     assert on_disk["instance_id"] == result["instance_id"]
-    assert on_disk["report"]["results"][0]["depth"] == 64
+    # Gated at depth 0, as llama-bench's tg128; the conversation's figure reported beside it.
+    assert [row["depth"] for row in on_disk["report"]["results"]] == [0, 64]
+    assert result["depth"] == 0 and result["conversation"]["depth"] == 64
+    assert result["conversation"]["measured_tps"] > 0
+    assert "at depth 64 (not gated)" in result["reason"]
     assert on_disk["model"]["sha256"] == SMOLLM2_SHA256
 
     status, health = http_json(server.url + "/health")
@@ -194,7 +205,10 @@ def test_verification_that_passes_turns_verifying_into_ok(start_server, tmp_path
     assert health["verification"]["measured_tps"] == result["measured_tps"]
     metrics = urllib_text(server.url + "/metrics")
     assert metric_value(metrics, "appliance_verification_passed") == 1
-    assert metric_value(metrics, "appliance_verification_tokens_per_second") > 0.5
+    gated = 'appliance_verification_tokens_per_second{depth="0",gated="true"}'
+    assert metric_value(metrics, gated) == pytest.approx(result["measured_tps"])
+    deeper = 'appliance_verification_tokens_per_second{depth="64",gated="false"}'
+    assert metric_value(metrics, deeper) == pytest.approx(result["conversation"]["measured_tps"])
     # The verifier's own requests are not user traffic; a user's streamed request is.
     assert metric_value(metrics, "appliance_generated_tokens_total") == 0
     assert "/v1/completions" not in metrics

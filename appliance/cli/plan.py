@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ from appliance.planning.planner import (
     calibrate,
     device_from_detection,
     device_from_profile,
+    learn_from_verification,
     plan,
 )
 from appliance.planning.report import (
@@ -33,27 +35,31 @@ from appliance.planning.report import (
 from appliance.settings import (
     ModelSettings,
     PathSettings,
+    Settings,
     VerifySettings,
     configured_settings,
 )
+from appliance.util import read_state_file
 
 
-def _planning_inputs(args: argparse.Namespace) -> argparse.Namespace:
-    """What the plan is for: the options given, else the appliance's configuration (the context it
-    serves, the depth and target its verification uses, its directories), else the defaults."""
+def _planning_inputs(args: argparse.Namespace) -> tuple[argparse.Namespace, Settings | None]:
+    """What the plan is for: the options given, else the appliance's configuration (the context
+    and KV cache it serves, the depths and target its verification uses, its directories), else
+    the defaults."""
     settings = configured_settings(args.config)
     if settings:
         model, verify, paths = settings.model, settings.verify, settings.paths
     else:
         model, verify, paths = None, VerifySettings(), PathSettings()
     given = vars(args)
-    defaults = {"context": model.context if model else
-                ModelSettings.model_fields["context"].default,
-                "depth": verify.depth, "target_tps": verify.target_tps,
-                "tolerance": verify.tolerance, "state_dir": paths.state_dir,
-                "models_dir": paths.models_dir}
+    model_default = partial(getattr, model) if model else (
+        lambda name: ModelSettings.model_fields[name].default)
+    defaults = {"context": model_default("context"), "kv_type": model_default("kv_cache_type"),
+                "depth": verify.depth, "conversation_depth": verify.conversation_depth,
+                "target_tps": verify.target_tps, "tolerance": verify.tolerance,
+                "state_dir": paths.state_dir, "models_dir": paths.models_dir}
     return argparse.Namespace(**given | {name: default if given[name] is None else given[name]
-                                         for name, default in defaults.items()})
+                                         for name, default in defaults.items()}), settings
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -64,17 +70,22 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(calibration_as_dict(calibration), indent=2) if args.json
               else format_calibration(calibration))
         return ExitCode.OK
-    args = _planning_inputs(args)
+    args, settings = _planning_inputs(args)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else None
     if args.device == "detect":
         report = detect(args.root, {"state": args.state_dir, "models": args.models_dir})
         device = device_from_detection(report, args.state_dir, bandwidth)
+        if bandwidth is None and settings:  # what this device measured outranks its profile
+            device = learn_from_verification(
+                device, read_state_file(settings.verify_state_file), catalog, calibration,
+                args.kv_type)
     elif args.device in profiles:
         device = device_from_profile(profiles[args.device], bandwidth)
     else:
         raise ApplianceError(f"--device {args.device!r}: not a profile; choose detect or one of "
                              f"{', '.join(profiles)}", ExitCode.USAGE)
-    request = PlanRequest(context=args.context, depth=args.depth, kv_type=args.kv_type,
+    request = PlanRequest(context=args.context, depth=args.depth,
+                          conversation_depth=args.conversation_depth, kv_type=args.kv_type,
                           target_tps=args.target_tps, tolerance=args.tolerance)
     if args.model:
         catalog = {args.model: get_variant(args.model, catalog)}
@@ -122,7 +133,13 @@ def add_commands(commands: Any) -> None:
     parser.add_argument("--depth", type=_bounded_as(VerifySettings, "depth"),
                         help=f"tokens already in context when speed is predicted ({from_config} "
                              f"{VerifySettings().depth}, as verification measures it)")
-    parser.add_argument("--kv-type", choices=sorted(KV_ELEMENT_BYTES), default="f16")
+    parser.add_argument("--conversation-depth",
+                        type=_bounded_as(VerifySettings, "conversation_depth"),
+                        help="a second depth to predict at, shown and not gated "
+                             f"({from_config} {VerifySettings().conversation_depth})")
+    parser.add_argument("--kv-type", choices=sorted(KV_ELEMENT_BYTES),
+                        help=f"KV cache type ({from_config} "
+                             f"{ModelSettings.model_fields['kv_cache_type'].default})")
     parser.add_argument("--target-tps", type=_positive,
                         help=f"decode tokens/s to reach ({from_config} "
                              f"{VerifySettings().target_tps:g})")

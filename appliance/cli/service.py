@@ -70,7 +70,12 @@ def summarize_health(body: dict[str, Any]) -> str:
                      f"sha256 {str(model.get('sha256', ''))[:12]}…)")
     verification = body.get("verification") or {}
     if verification:
-        parts.append(f"verification={verification.get('result', '?')}")
+        measured = [verification] + ([verification["conversation"]]
+                                     if verification.get("conversation") else [])
+        rates = ", ".join(f"{one['measured_tps']:.2f} tok/s at depth {one['depth']}"
+                          for one in measured if one.get("measured_tps") is not None)
+        parts.append(f"verification={verification.get('result', '?')}"
+                     + (f" ({rates})" if rates else ""))
     board = body.get("board") or {}
     if "soc_temperature_celsius" in board:
         parts.append(f"soc={board['soc_temperature_celsius']:.1f}°C")

@@ -29,6 +29,11 @@ class Family:
     head_dim: int
     license: str
     source: str
+    # The unquantized model's score on the catalog's one benchmark, as its maker published it;
+    # None where none was published (the source then says what was looked for).
+    benchmark: str
+    benchmark_score: float | None
+    benchmark_source: str
 
     def kv_bytes_per_token(self, kv_type: str = "f16") -> float:
         return 2 * self.layers * self.kv_heads * self.head_dim * KV_ELEMENT_BYTES[kv_type]
@@ -56,9 +61,19 @@ class Variant:
     urls: tuple[str, ...]
     # A Python package that ships the file: "module/file.gguf" or "module:function" (assembles it).
     python_source: str | None
+    # Retained quality in % of the unquantized model, where the quantizer measured it.
     quality_percent: float | None
     quality_source: str
     measurements: tuple[Measurement, ...]
+
+    @property
+    def quality_score(self) -> float | None:
+        """The family's benchmark score × the measured retention. Without a measured retention
+        it is the unquantized model's score: an upper bound, not a measurement of this file."""
+        score = self.family.benchmark_score
+        if score is None or self.quality_percent is None:
+            return score
+        return score * self.quality_percent / 100
 
     @property
     def weight_bytes_per_token(self) -> float:
@@ -71,7 +86,9 @@ class Variant:
 def load_catalog() -> dict[str, Variant]:
     data: dict[str, Any] = tomllib.loads(
         (resources.files("appliance") / "data" / "catalog.toml").read_text())
-    families = {key: Family(key=key, **entry) for key, entry in data["family"].items()}
+    families = {key: Family(key=key, benchmark=data["benchmark"],
+                            **{"benchmark_score": None, **entry})
+                for key, entry in data["family"].items()}
     variants = {}
     for key, entry in data["variant"].items():
         entry = dict(entry)

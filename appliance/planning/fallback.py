@@ -25,11 +25,12 @@ from appliance.hardware.profiles import load_profiles
 from appliance.models.catalog import Variant, load_catalog
 from appliance.models.store import ModelStore
 from appliance.planning.planner import (
-    PlanRequest,
+    bandwidth_reproducing,
     calibrate,
     device_from_detection,
     faster_alternatives,
     plan,
+    plan_request,
 )
 from appliance.settings import Settings
 from appliance.util import now_iso, read_state_file, write_atomically
@@ -87,15 +88,12 @@ def fall_back(settings: Settings, verdict: dict[str, Any], progress) -> dict[str
         return stop("the active model is not a catalog variant (or there is no model store at "
                     f"{store.directory}): there is nothing to compare it with")
     calibration = calibrate(catalog, load_profiles())
-    depth, kv_type = settings.verify.depth, "f16"
-    # The bandwidth that makes the model reproduce what was just measured on this device.
-    bandwidth = verdict["measured_tps"] * calibration.seconds_per_token(current, 1.0, depth,
-                                                                        kv_type)
+    request = plan_request(settings)
+    # Anchored on what was just measured on this device.
+    bandwidth = bandwidth_reproducing(calibration, current, verdict["measured_tps"],
+                                      request.depth, request.kv_type)
     report = detect(settings.paths.hardware_root, {"models": settings.paths.models_dir})
     device = device_from_detection(report, settings.paths.state_dir, bandwidth)
-    request = PlanRequest(context=settings.model.context, depth=depth, kv_type=kv_type,
-                          target_tps=settings.verify.target_tps,
-                          tolerance=settings.verify.tolerance)
     result = plan(device, request, catalog, calibration)
     available = [c for c in faster_alternatives(current, result) if store.installable(c.variant)]
     if not available:

@@ -16,7 +16,7 @@ the fit reports its own error on them (docs/planner.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from appliance.exitcodes import ApplianceError, ExitCode
 from appliance.hardware.bandwidth import load_bandwidth
 from appliance.hardware.profiles import Profile, load_profiles, match
 from appliance.models.catalog import Variant, load_catalog
+from appliance.settings import Settings
 from appliance.util import human_bytes
 
 # What the board needs besides the model (Raspberry Pi OS Lite idles at ~0.3 GB; the service's
@@ -34,12 +35,27 @@ SAFETY_MARGIN_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
+class DeviceMeasurement:
+    """What this device's last verification measured, and what the plan predicted for it before
+    it learned from that measurement."""
+
+    variant_id: str
+    tokens_per_second: float
+    depth: int
+    measured_at: str
+    predicted_before_tps: float
+    predicted_before_source: str
+    conversation: tuple[int, float] | None = None  # (depth, tok/s): reported, not gated
+
+
+@dataclass(frozen=True)
 class Device:
     name: str
     memory_bytes: int
     bandwidth_bytes_per_s: float
     bandwidth_source: str
     free_storage_bytes: int | None = None
+    measured: DeviceMeasurement | None = None
 
 
 @dataclass(frozen=True)
@@ -186,7 +202,8 @@ def calibrate(catalog: dict[str, Variant], profiles: dict[str, Profile]) -> Cali
 @dataclass(frozen=True)
 class PlanRequest:
     context: int = 4096
-    depth: int = 1024
+    depth: int = 0  # the gated speed, as verification measures it
+    conversation_depth: int = 1024  # predicted and shown, not gated
     kv_type: str = "f16"
     target_tps: float = 8.0
     tolerance: float = 0.05
@@ -196,11 +213,22 @@ class PlanRequest:
         return self.target_tps * (1 - self.tolerance)
 
 
+def plan_request(settings: Settings) -> PlanRequest:
+    """What the appliance's configuration asks of a model: the context it serves, the KV cache
+    type, and the speed its verification gates on and reports."""
+    verify = settings.verify
+    return PlanRequest(context=settings.model.context, depth=verify.depth,
+                       conversation_depth=verify.conversation_depth,
+                       kv_type=settings.model.kv_cache_type, target_tps=verify.target_tps,
+                       tolerance=verify.tolerance)
+
+
 @dataclass
 class Candidate:
     variant: Variant
     memory_bytes: int
     predicted_tps: float
+    conversation_tps: float
     fits_memory: bool
     fits_storage: bool
     meets_target: bool
@@ -218,6 +246,7 @@ class Candidate:
                 "quality_percent": variant.quality_percent,
                 "memory_bytes": self.memory_bytes,
                 "predicted_tokens_per_second": round(self.predicted_tps, 2),
+                "predicted_conversation_tokens_per_second": round(self.conversation_tps, 2),
                 "fits_memory": self.fits_memory, "fits_storage": self.fits_storage,
                 "meets_target": self.meets_target, "verdict": self.verdict}
 
@@ -235,11 +264,15 @@ class Plan:
         return budget_for(self.device.memory_bytes, round(kv))
 
 
-def quality_rank(variant: Variant) -> tuple[float, float]:
-    """Bigger model first (a 30B at 2.7 bits beats a 4B at 4 bits), then within a family more
-    bits per weight: closer to the unquantized model. Published quality figures (ByteShape's
-    percentages) follow bits within a family but exist for too few variants to rank by."""
-    return (variant.family.total_params, variant.bits_per_weight)
+def quality_rank(variant: Variant) -> tuple[bool, float, float, float]:
+    """Best first by `Variant.quality_score`: the family's published benchmark score × the
+    quantizer's measured retention, or the unquantized score where the retention is unpublished
+    (an upper bound, the same for a whole family, so more bits per weight then decides: closer to
+    the unquantized model). A family without a published score ranks below every family with one,
+    by parameters: nothing says it is better."""
+    score = variant.quality_score
+    return (score is not None, score or 0.0, variant.family.total_params,
+            variant.bits_per_weight)
 
 
 def plan(device: Device, request: PlanRequest, catalog: dict[str, Variant] | None = None,
@@ -249,11 +282,14 @@ def plan(device: Device, request: PlanRequest, catalog: dict[str, Variant] | Non
     result = Plan(device, request, calibration)
     for variant in catalog.values():
         budget = result.budget(variant)
-        predicted = calibration.predict(variant, device.bandwidth_bytes_per_s,
-                                        min(request.depth, request.context), request.kv_type)
+        predicted, conversation = (
+            calibration.predict(variant, device.bandwidth_bytes_per_s, min(depth, request.context),
+                                request.kv_type)
+            for depth in (request.depth, request.conversation_depth))
         result.candidates.append(Candidate(
             variant=variant, memory_bytes=variant.file_bytes + budget.kv_cache_bytes,
-            predicted_tps=predicted, fits_memory=variant.file_bytes <= budget.weights_bytes,
+            predicted_tps=predicted, conversation_tps=conversation,
+            fits_memory=variant.file_bytes <= budget.weights_bytes,
             fits_storage=device.free_storage_bytes is None
             or variant.file_bytes <= device.free_storage_bytes,
             meets_target=predicted >= request.threshold_tps))
@@ -274,7 +310,8 @@ def _explain(candidate: Candidate, result: Plan) -> str:
     speed = f"predicted {candidate.predicted_tps:.1f} tok/s"
     if candidate is choice:
         if candidate.meets_target:
-            return f"chosen: best quality that fits; {speed} ≥ {request.threshold_tps:.2f}"
+            return (f"chosen: best quality that fits; {speed} ≥ {request.threshold_tps:.2f}, "
+                    f"{candidate.conversation_tps:.1f} at depth {request.conversation_depth}")
         return (f"chosen, BELOW TARGET: nothing that fits reaches {request.threshold_tps:.2f} "
                 f"tok/s; this is the fastest that fits ({speed})")
     if not candidate.fits_memory:
@@ -290,6 +327,44 @@ def _explain(candidate: Candidate, result: Plan) -> str:
 
 
 # The device the plan is for ---------------------------------------------------------------------
+def bandwidth_reproducing(calibration: Calibration, variant: Variant, measured_tps: float,
+                          depth: int, kv_type: str) -> float:
+    """The effective bandwidth at which the model predicts exactly what was measured."""
+    return measured_tps * calibration.seconds_per_token(variant, 1.0, depth, kv_type)
+
+
+def learn_from_verification(device: Device, verification: dict[str, Any] | None,
+                            catalog: dict[str, Variant], calibration: Calibration,
+                            kv_type: str) -> Device:
+    """The device as its own verification measured it: the effective bandwidth that makes the
+    model reproduce the measured speed of the model it runs, so that every prediction for this
+    device rests on what it did rather than on its profile. Unchanged without a usable
+    measurement (none, an error, invalid conditions, or a model outside the catalog)."""
+    if not verification or verification.get("measured_tps") is None:
+        return device
+    if not verification.get("report", {}).get("conditions", {}).get("valid", True):
+        return device
+    facts = verification.get("model") or {}
+    variant = catalog.get(str(facts.get("id"))) or next(
+        (v for v in catalog.values() if v.sha256 and v.sha256 == facts.get("sha256")), None)
+    if variant is None:
+        return device
+    measured, depth = float(verification["measured_tps"]), int(verification.get("depth", 0))
+    conversation = verification.get("conversation")
+    learned = DeviceMeasurement(
+        variant_id=variant.id, tokens_per_second=measured, depth=depth,
+        measured_at=str(verification.get("timestamp", "")),
+        predicted_before_tps=calibration.predict(variant, device.bandwidth_bytes_per_s, depth,
+                                                 kv_type),
+        predicted_before_source=device.bandwidth_source,
+        conversation=(int(conversation["depth"]), float(conversation["measured_tps"]))
+        if conversation else None)
+    bandwidth = bandwidth_reproducing(calibration, variant, measured, depth, kv_type)
+    return replace(device, bandwidth_bytes_per_s=bandwidth, measured=learned,
+                   bandwidth_source=f"learned from this device's verification of {variant.id}: "
+                                    f"{measured:.2f} tok/s at depth {depth}")
+
+
 def device_from_profile(profile: Profile, bandwidth_bytes_per_s: float | None = None) -> Device:
     if profile.memory_bytes is None:
         raise ApplianceError(f"profile {profile.key} has no memory size; use --device detect",

@@ -30,12 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from appliance.exitcodes import ApplianceError, ExitCode, ModelFileError
+from appliance.hardware.sysfs import physical_core_count
 from appliance.models.checksums import verify_sha256
 from appliance.models.gguf import quantization_name, read_gguf_header
 from appliance.models.store import catalog_id_of
+from appliance.service import tuning
 from appliance.settings import LimitsSettings, ModelSettings
 
 log = logging.getLogger(__name__)
+# model.kv_cache_type → llama.cpp's element type for the K and V caches.
+KV_CACHE_GGML_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
 
 
 class EngineState(StrEnum):
@@ -100,6 +104,10 @@ class ModelFacts:
     context: int
     context_trained: int
     threads: int
+    # How the count was chosen: set, or measured (now or at an earlier start), with the figures.
+    threads_choice: dict[str, Any]
+    flash_attention: bool
+    kv_cache_type: str
     load_seconds: float
     system_info: str
 
@@ -229,13 +237,18 @@ class Engine:
         self.status_line = f"loading {path.name}"
         from llama_cpp import Llama, llama_cpp  # deferred: importing loads the native library
 
+        cores = physical_core_count()
+        cache_type = KV_CACHE_GGML_TYPES[settings.kv_cache_type]
         try:
             llama = Llama(
                 model_path=str(path),
-                n_threads=settings.threads,
-                n_threads_batch=settings.threads,
+                n_threads=settings.threads or cores,
+                n_threads_batch=settings.threads or cores,
                 n_ctx=settings.context,
                 n_batch=settings.batch,
+                flash_attn=settings.flash_attention,
+                type_k=getattr(llama_cpp, cache_type),
+                type_v=getattr(llama_cpp, cache_type),
                 use_mmap=True,
                 use_mlock=settings.mlock,
                 verbose=False,
@@ -247,6 +260,7 @@ class Engine:
         except MemoryError as exc:
             raise ApplianceError(f"{path}: not enough memory to load the model: {exc}",
                                  ExitCode.TRANSIENT) from None
+        threads_choice = self._choose_threads(llama, sha256, cores)
         self._llama = llama
         self._chat_formatter = self._make_chat_formatter(llama)
         file_type = llama.metadata.get("general.file_type")
@@ -260,10 +274,29 @@ class Engine:
             parameters=int(llama._model.n_params()),
             context=llama.n_ctx(),
             context_trained=int(llama._model.n_ctx_train()),
-            threads=settings.threads,
+            threads=threads_choice["threads"],
+            threads_choice=threads_choice,
+            flash_attention=settings.flash_attention,
+            kv_cache_type=settings.kv_cache_type,
             load_seconds=round(self._clock() - started, 3),
             system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         )
+
+    def _choose_threads(self, llama: Any, sha256: str, cores: int) -> dict[str, Any]:
+        """`model.threads` when set; else the count measured fastest for this model file here,
+        timed now if it never was (the prompt's threads follow: prefill scales with cores)."""
+        if self.model_settings.threads:
+            return {"threads": self.model_settings.threads, "source": "model.threads"}
+        choice = tuning.stored_choice(self._state_dir, sha256)
+        if choice is None:
+            def progress(message: str) -> None:
+                self.status_line = f"timing decode by thread count: {message}"
+            rates = tuning.decode_rates(llama, list(range(1, cores + 1)), progress=progress)
+            choice = tuning.store_choice(self._state_dir, sha256, rates)
+            log.info("threads: %d, the fastest decode measured (%s tok/s by count)",
+                     choice["threads"], choice["tg_tokens_per_second"])
+        llama._ctx.set_n_threads(choice["threads"], cores)
+        return {"source": "measured"} | choice
 
     @staticmethod
     def _make_chat_formatter(llama: Any) -> Callable[..., Any]:

@@ -86,9 +86,16 @@ class _LiveCollector(Collector):
                                 "1 if the last speed verification met its target",
                                 value=int(result.get("result") == "pass"))
         if result.get("measured_tps") is not None:
-            yield GaugeMetricFamily("appliance_verification_tokens_per_second",
-                                    "Decode speed the last verification measured",
-                                    value=result["measured_tps"])
+            rates = GaugeMetricFamily("appliance_verification_tokens_per_second",
+                                      "Decode speed the last verification measured, by context "
+                                      "depth (the gated one and the conversation's)",
+                                      labels=["depth", "gated"])
+            rates.add_metric([str(result["depth"]), "true"], result["measured_tps"])
+            if result.get("conversation"):
+                conversation = result["conversation"]
+                rates.add_metric([str(conversation["depth"]), "false"],
+                                 conversation["measured_tps"])
+            yield rates
         yield GaugeMetricFamily("appliance_verification_target_tokens_per_second",
                                 "Decode speed the verification requires",
                                 value=result.get("target_tps", 0))

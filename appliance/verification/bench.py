@@ -237,9 +237,9 @@ class ThroughService:
 def run_passes(runner: InProcess | ThroughService, spec: BenchSpec,
                progress: Progress) -> list[Pass]:
     passes = []
+    if spec.warmup:  # once: the weights are paged in and the caches warm for every depth after
+        runner.one_pass(spec.depths[0])
     for depth in spec.depths:
-        if spec.warmup:
-            runner.one_pass(depth)
         for repetition in range(spec.repetitions):
             one = runner.one_pass(depth)
             passes.append(one)

@@ -26,7 +26,7 @@ VIRTUAL_PI_VARS = """\
         # one, and a short verification: the mechanism is what is tested, not the speed.
         service_context: 2048
         service_verify_target_tps: 0.2
-        service_verify_depth: 64
+        service_verify_conversation_depth: 64
         service_verify_n_prompt: 16
         service_verify_n_gen: 16
         service_verify_repetitions: 2
