@@ -102,7 +102,7 @@ def test_quick_start_needs_no_file_and_leaves_threads_to_measurement(model_path,
 
 
 def test_a_quantized_kv_cache_needs_flash_attention(model_path):
-    with pytest.raises(ConfigError, match="needs model.flash_attention = true"):
+    with pytest.raises(ConfigError, match=r"needs model\.flash_attention = true"):
         validate({"model": {"path": str(model_path), "kv_cache_type": "q8_0",
                             "flash_attention": False}}, "appliance.toml")
     settings = validate({"model": {"path": str(model_path), "kv_cache_type": "q8_0"}}, "x")
