@@ -275,3 +275,46 @@ def test_the_plan_is_for_the_appliances_own_configuration(capsys, tmp_path, mode
     _, out = run(capsys, "--device", "raspberry-pi-5-8gb", "--config", str(config), "--json",
                  "--depth", "0")
     assert json.loads(out)["request"]["depth"] == 0
+
+
+def test_by_default_the_16gb_plan_gates_like_the_benchmarks_and_says_what_depth_costs(capsys):
+    """The published 8 tok/s are tg128 at depth 0: the default plan gates there, chooses the 30B,
+    and shows its prediction in a conversation beside it."""
+    code, out = run(capsys, "--device", "raspberry-pi-5-16gb")
+    assert code == 0
+    assert "choice   qwen3-30b-a3b-2507-q3_k_s-2.70bpw\n" in out
+    assert "also predicted at depth 1024, not gated" in out
+    row = next(line for line in out.splitlines() if line.startswith(QWEN_30B))
+    assert row.split()[6:8] == ["8.5", "7.2"]  # tok/s at depth 0, at depth 1024
+    assert "≥ 7.60, 7.2 at depth 1024" in row
+
+
+def test_the_plan_on_a_device_learns_from_its_own_verification(capsys, tmp_path, model_path,
+                                                               pi5_16gb):
+    config = write_config(tmp_path / "appliance.toml", {
+        "model": {"path": str(model_path)},
+        "paths": {"state_dir": str(tmp_path), "models_dir": str(tmp_path / "models")}})
+    planned = ("--root", str(pi5_16gb), "--config", str(config), "--json")
+    before = json.loads(run(capsys, *planned)[1])
+    assert before["choice"] == QWEN_30B and before["device"]["measured"] is None
+    # This device ran the 30B slower than its profile predicts (a hot case, a slow card).
+    verdict = {"result": "fail", "measured_tps": 6.0, "depth": 0, "model": {"id": QWEN_30B},
+               "conversation": {"depth": 1024, "measured_tps": 5.1},
+               "timestamp": "2026-12-02T10:00:00Z", "report": {"conditions": {"valid": True}}}
+    (tmp_path / "verify.json").write_text(json.dumps(verdict))
+    code, out = run(capsys, *planned)
+    after = json.loads(out)
+    measured = after["device"]["measured"]
+    assert measured["tokens_per_second"] == 6.0 and measured["conversation"] == [1024, 5.1]
+    assert measured["predicted_before_tps"] == pytest.approx(8.5, abs=0.1)
+    thirty = next(c for c in after["candidates"] if c["id"] == QWEN_30B)
+    assert thirty["predicted_tokens_per_second"] == 6.0  # its next prediction is what it did
+    assert after["choice"] != QWEN_30B
+    assert "learned from this device's verification" in after["device"]["bandwidth_source"]
+    table = run(capsys, "--root", str(pi5_16gb), "--config", str(config))[1]
+    assert (f"measured {QWEN_30B} ran 6.00 tok/s at depth 0 (5.10 at depth 1024) in this "
+            "device's verification 2026-12-02T10:00:00Z; predicted 8.49 (+41.4%)") in table
+    # A measurement taken under invalid conditions (throttled, busy) teaches nothing.
+    verdict["report"]["conditions"]["valid"] = False
+    (tmp_path / "verify.json").write_text(json.dumps(verdict))
+    assert json.loads(run(capsys, *planned)[1])["choice"] == QWEN_30B
