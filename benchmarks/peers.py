@@ -18,6 +18,7 @@ the appliance measures and keeps on its own (`model.threads` unset).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -157,6 +158,10 @@ def measure(model: Path, threads: int, spec: BenchSpec) -> dict[str, dict[str, A
                   "--port", str(port)], port, "llama-server") as url:
         figures["llama-server"] = through_api(url, spec, {"ignore_eos": True})
 
+    if importlib.util.find_spec("uvicorn") is None:
+        log("llama_cpp.server skipped: its extras are not installed "
+            "(pip install 'llama-cpp-python[server]')")
+        return measure_appliance(model, threads, spec, figures)
     port = free_port()
     log("llama_cpp.server")
     # It has no ignore_eos; a logit bias against the end-of-text token does the same.
@@ -167,6 +172,11 @@ def measure(model: Path, threads: int, spec: BenchSpec) -> dict[str, dict[str, A
         figures["llama_cpp.server"] = through_api(
             url, spec, {"logit_bias": {str(eos_token(model)): -100}})
 
+    return measure_appliance(model, threads, spec, figures)
+
+
+def measure_appliance(model: Path, threads: int, spec: BenchSpec,
+                      figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     log("appliance")
     with appliance(model, f"threads = {threads}\n") as url:
         figures["appliance"] = through_api(url, spec, {"ignore_eos": True})

@@ -309,7 +309,7 @@ def test_the_plan_on_a_device_learns_from_its_own_verification(capsys, tmp_path,
     assert measured["predicted_before_tps"] == pytest.approx(8.5, abs=0.1)
     thirty = next(c for c in after["candidates"] if c["id"] == QWEN_30B)
     assert thirty["predicted_tokens_per_second"] == 6.0  # its next prediction is what it did
-    assert after["choice"] != QWEN_30B
+    assert after["choice"] != QWEN_30B and code == 0  # another model reaches the target
     assert "learned from this device's verification" in after["device"]["bandwidth_source"]
     table = run(capsys, "--root", str(pi5_16gb), "--config", str(config))[1]
     assert (f"measured {QWEN_30B} ran 6.00 tok/s at depth 0 (5.10 at depth 1024) in this "

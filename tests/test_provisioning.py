@@ -284,7 +284,14 @@ def test_health_says_ok_with_the_verification_passed_at_the_virtual_pis_target(p
     assert verification["result"] == "pass" and verification["target_tps"] == pi.target_tps
     assert verification["measured_tps"] >= 0.95 * pi.target_tps
     assert verification["instance_id"] == body["instance_id"]
+    # Gated as the benchmarks measure (depth 0), with the conversation's figure beside it.
+    assert verification["depth"] == 0 and verification["conversation"]["depth"] == 64
+    assert verification["conversation"]["measured_tps"] > 0
     assert "DOTPROD = 1" in body["model"]["system_info"]
+    # The thread count was timed on the device, per count, and the fastest kept.
+    choice = body["model"]["threads_choice"]
+    assert choice["source"] == "measured" and body["model"]["threads"] == choice["threads"]
+    assert choice["tg_tokens_per_second"].keys() >= {"1", "2"}
 
 
 @pytest.mark.virtual_pi
