@@ -264,8 +264,9 @@ def test_stuck_generation_makes_health_not_ok(make_settings):
 
 def test_a_prompt_that_outlasts_the_stall_limit_keeps_health_ok_and_shows_progress(
         make_settings):
+    # At the default batch (512 tokens a call), chunks follow the stall limit, not the batch.
     stall = 1.0
-    settings = make_settings(limits={"stall_seconds": stall}, model={"batch": 32})
+    settings = make_settings(limits={"stall_seconds": stall})
     engine = loaded_engine(settings)
     client = create_app(settings, engine).test_client()
     seen: list[tuple[int, dict]] = []

@@ -556,8 +556,11 @@ class Engine:
         batch = self.model_settings.batch
         if self.prompt_tokens_per_second is None:
             return min(batch, PROMPT_CHUNK_MIN_TOKENS)
+        # A chunk lasts a tenth of the stall limit at most: an operator's short limit must not be
+        # outlasted by one chunk of a healthy evaluation.
+        seconds = min(PROMPT_CHUNK_SECONDS, self.stall_limit() / STALL_STEPS)
         return min(batch, max(PROMPT_CHUNK_MIN_TOKENS,
-                              int(self.prompt_tokens_per_second * PROMPT_CHUNK_SECONDS)))
+                              int(self.prompt_tokens_per_second * seconds)))
 
 
 def _smoothed(average: float | None, sample: float) -> float:
