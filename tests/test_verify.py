@@ -99,7 +99,7 @@ def test_threads_auto_sweeps_and_keeps_the_fastest(capsys, model_path, tmp_path)
     report = json.loads(out)
     rates = {int(k): v for k, v in report["threads_sweep"]["tg_tokens_per_second"].items()}
     assert sorted(rates) == list(range(1, len(rates) + 1))
-    assert report["threads"] == max(rates, key=rates.__getitem__)
+    assert rates[report["threads"]] >= 0.98 * max(rates.values())
 
 
 def test_throttling_during_a_run_marks_it_invalid(pi5_root):

@@ -14,6 +14,7 @@ from appliance.hardware.bandwidth import load_bandwidth, measure_read_bandwidth,
 from appliance.hardware.sysfs import physical_core_count
 from appliance.models.checksums import file_sha256
 from appliance.models.gguf import quantization_name
+from appliance.service import tuning
 from appliance.settings import load_settings, read_api_key
 from appliance.util import fetch_health
 from appliance.verification import roofline
@@ -24,7 +25,6 @@ from appliance.verification.bench import (
     ThroughService,
     bench,
     format_table,
-    sweep_threads,
 )
 from appliance.verification.verify import EXIT_CODES, verify
 
@@ -70,11 +70,15 @@ def _in_process(args: argparse.Namespace, spec: BenchSpec) -> dict[str, Any]:
     if not model.is_file():
         raise ApplianceError(f"{model}: no such model file", ExitCode.MODEL_MISSING)
     sweep = None
+    auto = args.threads == "auto"
+    cores = physical_core_count()
+    runner = InProcess(model, cores if auto else args.threads, spec)
     threads = args.threads
-    if threads == "auto":
-        threads, rates = sweep_threads(model, physical_core_count(), spec, _progress)
+    if auto:  # timed as the service times it, on this one loaded model
+        rates = tuning.decode_rates(runner.llama, list(range(1, cores + 1)), progress=_progress)
+        threads = tuning.fastest(rates)
+        runner.llama._ctx.set_n_threads(threads, threads)
         sweep = {"tg_tokens_per_second": rates, "fastest": threads}
-    runner = InProcess(model, threads, spec)
     report = bench(runner, spec, _progress)
     metadata = runner.metadata()
     file_type = metadata.get("general.file_type")

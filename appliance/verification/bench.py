@@ -133,21 +133,6 @@ class InProcess:
         return dict(self.llama.metadata)
 
 
-def sweep_threads(model_path: Path, max_threads: int, spec: BenchSpec,
-                  progress: Progress) -> tuple[int, dict[int, float]]:
-    """Decode speed at depth 0 for 1…max_threads threads; the fastest count and every figure."""
-    quick = BenchSpec(depths=[0], n_prompt=16, n_gen=spec.n_gen, repetitions=2)
-    rates: dict[int, float] = {}
-    for threads in range(1, max_threads + 1):
-        runner = InProcess(model_path, threads, quick)
-        runner.one_pass(0)  # warm-up
-        rates[threads] = statistics.median(runner.one_pass(0).tg_tps
-                                           for _ in range(quick.repetitions))
-        progress(f"threads {threads}: tg {rates[threads]:.2f} tok/s")
-        del runner
-    return max(rates, key=rates.__getitem__), rates
-
-
 # Through a service ----------------------------------------------------------------------------
 @dataclass
 class Endpoint:
