@@ -77,7 +77,7 @@ def _in_process(args: argparse.Namespace, spec: BenchSpec) -> dict[str, Any]:
     if auto:  # timed as the service times it, on this one loaded model
         rates = tuning.decode_rates(runner.llama, list(range(1, cores + 1)), progress=_progress)
         threads = tuning.fastest(rates)
-        runner.llama._ctx.set_n_threads(threads, threads)
+        tuning.use_threads(runner.llama, threads)
         sweep = {"tg_tokens_per_second": rates, "fastest": threads}
     report = bench(runner, spec, _progress)
     metadata = runner.metadata()

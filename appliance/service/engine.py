@@ -295,7 +295,7 @@ class Engine:
             choice = tuning.store_choice(self._state_dir, sha256, rates)
             log.info("threads: %d, the fastest decode measured (%s tok/s by count)",
                      choice["threads"], choice["tg_tokens_per_second"])
-        llama._ctx.set_n_threads(choice["threads"], cores)
+        tuning.use_threads(llama, choice["threads"], cores)
         return {"source": "measured"} | choice
 
     @staticmethod

@@ -27,6 +27,11 @@ SWEEP_TOKENS = 8
 ROUNDS = 2
 
 
+def use_threads(llama: Any, threads: int, batch_threads: int | None = None) -> None:
+    """Change a loaded model's thread counts (decode, prompt batches) without reloading it."""
+    llama._ctx.set_n_threads(threads, batch_threads or threads)  # llama-cpp-python has no setter
+
+
 def decode_rates(llama: Any, counts: list[int], tokens: int = SWEEP_TOKENS,
                  progress: Callable[[str], None] = log.info) -> dict[int, float]:
     """Decode tokens/s of a loaded llama-cpp-python model at each thread count, at depth 0.
@@ -40,7 +45,7 @@ def decode_rates(llama: Any, counts: list[int], tokens: int = SWEEP_TOKENS,
     llama.eval([chooser.choice(vocab)])  # pages the weights in before anything is timed
     for round_number in range(ROUNDS):
         for threads in counts if round_number % 2 == 0 else counts[::-1]:
-            llama._ctx.set_n_threads(threads, threads)  # no public setter in llama-cpp-python
+            use_threads(llama, threads)
             llama.reset()
             started = time.perf_counter()
             for _ in range(tokens):
