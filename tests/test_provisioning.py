@@ -187,9 +187,11 @@ def test_site_yml_turns_a_fresh_pi_into_a_verified_appliance(pi):
     assert pi.first.returncode == 0, pi.first.stdout[-5000:]
     assert recap(pi.first.stdout, pi.name)["failed"] == 0
     assert "Raspberry Pi OS Trixie (trixie), Python 3.13" in pi.first.stdout
-    # The play ends with the per-host summary table.
-    assert re.search(rf"{pi.name}\s+ok\s+pass\s+\d+\.\d\d\s+{pi.target_tps:.1f}\s+\S+\s+"
-                     r"smollm2-135m-instruct-q4_1", pi.first.stdout), pi.first.stdout[-3000:]
+    # The play ends with the per-host summary table: the gated rate at depth 0, the target,
+    # the rate deeper in a conversation with its depth, the SoC temperature and the model.
+    assert re.search(rf"{pi.name}\s+ok\s+pass\s+\d+\.\d\d@0\s+{pi.target_tps:.1f}\s+"
+                     r"\d+\.\d\d \(\d+\)\s+\S+\s+smollm2-135m-instruct-q4_1",
+                     pi.first.stdout), pi.first.stdout[-3000:]
 
 
 @pytest.mark.virtual_pi
