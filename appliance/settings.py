@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import stat
+import struct
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,17 +28,17 @@ from pydantic import (
 
 from appliance import layout
 from appliance.exitcodes import ConfigError
-from appliance.util import LOOPBACK_HOSTS
+from appliance.util import LOOPBACK_HOSTS, sha256_digest
 
 DEFAULT_CONFIG_PATH = layout.CONFIG_FILE
 CONFIG_ENV_VAR = "PI_APPLIANCE_CONFIG"
-# The verifier marks its requests with it, so that they stay out of the users' metrics.
+# The verifier marks its requests with it and the service's token
+# (`Settings.verification_token_file`), so that they stay out of the users' metrics.
 VERIFICATION_HEADER = "X-Appliance-Verification"
 MIN_KEY_LENGTH = 16
 
 DEFAULT_REQUEST_TOKENS = 256
 Port = Annotated[int, Field(ge=1, le=65535)]
-SHA256_DIGITS = frozenset("0123456789abcdef")
 
 
 def _is_loopback(host: str) -> bool:
@@ -47,20 +50,94 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def read_api_key(path: Path) -> bytes:
-    """The key in `path`, refusing files others can read and keys too short to be secret."""
+def _absolute_path(path: Path) -> Path:
+    # A relative path means another file for each directory a process starts in (under systemd
+    # that is /), and `..` can lead out of the directory a path seems to name.
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path (starting with /); write it in full, as "
+                         "`realpath -s PATH` prints it")
+    if ".." in path.parts:
+        raise ValueError(f"must not contain '..'; write the path it leads to, e.g. "
+                         f"{os.path.normpath(path)!r}")
+    return path
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute_path)]
+
+# A POSIX ACL as Linux stores it in an extended attribute: a 4-byte version, then entries of
+# (tag, permissions, id). Its mask takes the place of the group bits in the file's mode.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+def _shared(path: Path, mode: int) -> str | None:
+    """Why users other than the file's owner and this process's user may read or write the
+    file, and how to stop it; None if they may not.
+
+    Without an ACL that is the mode's group and other bits. With one, those group bits are the
+    ACL's mask, so its entries decide: systemd hands a service its credential on a file system
+    with ACLs (tmpfs) as root's, mode 0400, with read access for the service's user — `stat`
+    shows 0440 — and that must pass."""
     try:
-        mode = path.stat().st_mode
-        key = path.read_bytes().strip()
+        acl = os.getxattr(path, _ACL_XATTR)
+    except OSError:  # no ACL, or a file system without them
+        acl = b""
+    if not acl:
+        if not mode & 0o077:
+            return None
+        return f"group or others may use it (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
+    entries = [_ACL_ENTRY.unpack_from(acl, offset)
+               for offset in range(4, len(acl) - _ACL_ENTRY.size + 1, _ACL_ENTRY.size)]
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0o7)
+    if any((tag == _ACL_OTHER and perm)
+           or (tag in (_ACL_GROUP_OBJ, _ACL_GROUP) and perm & mask)
+           or (tag == _ACL_USER and who != os.geteuid() and perm & mask)
+           for tag, perm, who in entries):
+        return (f"its ACL lets other users or groups use it (getfacl {path}); run: "
+                f"setfacl -b {path}; chmod 600 {path}")
+    return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a user without an entry (a container, a user namespace)
+        return str(uid)
+
+
+def read_api_key(path: Path) -> bytes:
+    """The key in `path`: a regular file owned by this process's user or root, which nobody
+    else may read or write (a systemd credential passes: the service's own, or root's with an
+    ACL for the service), and a key long enough to be secret."""
+    setting = f"server.api_key_file = '{path}'"
+    try:
+        info = path.stat()
     except OSError as exc:
-        raise ConfigError(f"server.api_key_file = '{path}': cannot read it: {exc.strerror}; "
+        raise ConfigError(f"{setting}: cannot read it: {exc.strerror}; "
                           "create it with: umask 077; openssl rand -hex 32 > "
                           f"{path}") from None
-    if mode & stat.S_IROTH:
-        raise ConfigError(f"server.api_key_file = '{path}': readable by every user "
-                          f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    # Checked before reading: opening a FIFO would block for ever.
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{setting}: not a regular file (a directory, pipe or device); "
+                          "point server.api_key_file at the file that holds the key")
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        # Its owner could change the key, or grant it to anyone, at any time.
+        raise ConfigError(f"{setting}: owned by {_user_name(info.st_uid)}, not by "
+                          f"{_user_name(me)} (who runs this) or root; as root, run: chown "
+                          f"{_user_name(me)} {path}")
+    shared = _shared(path, info.st_mode)
+    if shared:
+        raise ConfigError(f"{setting}: the key must be its owner's alone, but {shared}")
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read it: {exc.strerror}; run this as its owner "
+                          f"({_user_name(info.st_uid)}), who must be able to read it: "
+                          f"chmod 600 {path}") from None
     if len(key) < MIN_KEY_LENGTH:
-        raise ConfigError(f"server.api_key_file = '{path}': the key is {len(key)} characters; "
+        raise ConfigError(f"{setting}: the key is {len(key)} characters; "
                           f"use at least {MIN_KEY_LENGTH} (e.g. openssl rand -hex 32)")
     return key
 
@@ -96,6 +173,17 @@ class ServerSettings(_Section):
                                    description="larger request bodies get 413")
     http_threads: int = Field(default=8, ge=2, le=64, description=(
         "HTTP worker threads (one generation runs at a time regardless)"))
+    connection_limit: int = Field(default=100, ge=4, le=1000, description=(
+        "open connections at most; beyond, new ones wait in the kernel's queue"))
+    connections_per_client: int = Field(default=16, ge=1, le=1000, description=(
+        "open connections one address may hold; beyond, 429 and closed, so that one host "
+        "cannot take them all and lock out `/health` and monitoring"))
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300, description=(
+        "a request's line and headers must arrive within it (from connecting, or from the "
+        "next request's first byte); slower clients are disconnected"))
+    idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description=(
+        "a kept-alive connection idle that long, or a body that stops arriving for that long, "
+        "is closed"))
 
     @property
     def is_loopback(self) -> bool:
@@ -133,7 +221,7 @@ class ServerSettings(_Section):
 
 
 class ModelSettings(_Section):
-    path: Path = Field(description=(
+    path: AbsolutePath = Field(description=(
         "the GGUF model file; on an appliance the store's `active` link (required)"))
     id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:/-]{1,128}$", description=(
         "the name `/v1/models` reports; unset: the catalog id the store recorded, else the "
@@ -151,6 +239,9 @@ class ModelSettings(_Section):
         "KV cache element type; `q8_0` halves its memory, `q4_0` quarters it (both need "
         "`flash_attention`); the planner budgets for it"))
     batch: int = Field(default=512, ge=16, le=8192, description="prompt-processing batch")
+    special_tokens_in_chat: bool = Field(default=False, description=(
+        "`true`: chat messages may write the model's control tokens (`<|im_start|>system`, "
+        "...) and so open turns of their own; `false`: their text is taken as plain text"))
     mlock: bool = Field(default=False, description=(
         "lock the model in RAM (the unit then needs `LimitMEMLOCK=infinity`)"))
     policy: Literal["pinned", "auto"] = Field(default="pinned", description=(
@@ -163,12 +254,7 @@ class ModelSettings(_Section):
     @field_validator("sha256")
     @classmethod
     def _sha256_hex(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        digest = value.lower()
-        if len(digest) != 64 or not SHA256_DIGITS.issuperset(digest):
-            raise ValueError("must be 64 hexadecimal digits, as `sha256sum FILE` prints")
-        return digest
+        return None if value is None else sha256_digest(value)
 
     @model_validator(mode="after")
     def _quantized_cache_needs_flash_attention(self) -> ModelSettings:
@@ -190,7 +276,8 @@ class LimitsSettings(_Section):
         "when a request does not say; unset: 256, or `max_tokens` if lower, so lowering the "
         "cap alone is enough; must not exceed `max_tokens`"))
     queue_size: int = Field(default=4, ge=0, le=256, description=(
-        "requests that may wait while one generates; beyond: 429"))
+        "requests that may wait while one generates; beyond: 429; at most "
+        "`server.http_threads` − 2"))
     queue_timeout_seconds: float = Field(default=300.0, gt=0, le=3600, description=(
         "a queued request waiting longer gets 503"))
     stall_seconds: float | None = Field(default=None, gt=0, le=3600, description=(
@@ -215,13 +302,13 @@ class LimitsSettings(_Section):
 
 
 class PathSettings(_Section):
-    state_dir: Path = Field(default=layout.STATE_DIR, description=(
+    state_dir: AbsolutePath = Field(default=layout.STATE_DIR, description=(
         "verification result (`verify.json`), fallback history, measured bandwidth, checksum "
         "cache fallback"))
-    models_dir: Path = Field(default=layout.MODELS_DIR, description=(
+    models_dir: AbsolutePath = Field(default=layout.MODELS_DIR, description=(
         "the model store (`pi-appliance model`); `model.path` usually points at its `active` "
         "link"))
-    hardware_root: Path = Field(default=Path("/"), description=(
+    hardware_root: AbsolutePath = Field(default=Path("/"), description=(
         "where `/sys` and `/proc` are read from (tests point it at fixtures)"))
 
 
@@ -279,6 +366,21 @@ class Settings(_Section):
         return self
 
     @model_validator(mode="after")
+    def _queue_leaves_an_http_thread_free(self) -> Settings:
+        # A queued request waits for the model on its HTTP thread (engine.acquire) and the one
+        # generating holds another; one more must stay free, or the next request could not even
+        # be told 429 and /health would not answer until a generation ended.
+        queue, threads = self.limits.queue_size, self.server.http_threads
+        if queue > threads - 2:
+            raise ValueError(
+                f"limits.queue_size = {queue} needs server.http_threads of at least {queue + 2} "
+                f"(it is {threads}): each queued request holds an HTTP thread while it waits, "
+                "the running one holds another, and one must stay free for /health and for "
+                f"refusing the next with 429; lower limits.queue_size to {threads - 2} or raise "
+                f"server.http_threads to {queue + 2}")
+        return self
+
+    @model_validator(mode="after")
     def _verification_fits_context(self) -> Settings:
         verify = self.verify
         room = self.model.context - verify.n_prompt - verify.n_gen
@@ -299,6 +401,11 @@ class Settings(_Section):
     @property
     def verify_state_file(self) -> Path:
         return self.paths.state_dir / "verify.json"
+
+    @property
+    def verification_token_file(self) -> Path:
+        """The running service's secret that marks the verifier's requests (mode 0600)."""
+        return self.paths.state_dir / "verification-token"
 
     @property
     def fallback_state_file(self) -> Path:
@@ -334,8 +441,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: configuration file not found") from exc
-    except PermissionError as exc:
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{path}: a directory, not a configuration file; name the TOML file "
+                          f"(e.g. {path / DEFAULT_CONFIG_PATH.name})") from exc
+    except OSError as exc:  # permissions, a symlink loop, an I/O error of the drive
         raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition; tomllib decodes it so
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 text (byte "
+                          f"0x{exc.object[exc.start]:02x}); TOML files are UTF-8: save it as "
+                          "UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 

