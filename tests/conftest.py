@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,7 +14,7 @@ import pytest
 from appliance.service.app import create_app
 from appliance.service.engine import Engine
 from appliance.settings import Settings
-from tests.helpers import GIB, free_port, http_json, write_config
+from tests.helpers import GIB, ServerProcess, launch_server
 
 
 @pytest.fixture(scope="session")
@@ -76,65 +69,13 @@ def client(app):
     return app.test_client()
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    port: int
-    config: Path
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited {self.process.returncode}:\n{self.output()}")
-            try:
-                status, body = http_json(self.url + "/health", timeout=2)
-                if status == 200:
-                    return body
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready in {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-
 @pytest.fixture
 def start_server(tmp_path: Path, model_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start `pi-appliance serve` as a real process on a free loopback port."""
+    """Start servers (launch_server) in the test's directory; killed after the test."""
     started: list[ServerProcess] = []
 
-    def start(*, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-              **sections: dict[str, Any]) -> ServerProcess:
-        port = free_port()
-        config_data: dict[str, dict[str, Any]] = {
-            "server": {"host": "127.0.0.1", "port": port},
-            "model": {"path": str(model_path), "threads": 2, "context": 2048},
-            "paths": {"state_dir": str(tmp_path)},
-            "verify": {"enabled": False},  # tests of verification turn it on
-        }
-        for section, values in sections.items():
-            config_data.setdefault(section, {}).update(values)
-        config = write_config(tmp_path / f"appliance-{port}.toml", config_data)
-        log = tmp_path / f"server-{port}.log"
-        env = {**os.environ, **(extra_env or {})}
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config), *args],
-                stdout=sink, stderr=subprocess.STDOUT, env=env)
-        server = ServerProcess(process, port, config, log, env)
+    def start(**options: Any) -> ServerProcess:
+        server = launch_server(tmp_path, model_path, **options)
         started.append(server)
         return server
 

@@ -13,17 +13,10 @@ import pytest
 
 from appliance.service.app import create_app
 from appliance.service.engine import Engine, GenerationStats, Sampling
-from tests.helpers import DOCUMENT, metric_value
+from tests.helpers import DOCUMENT, error_of, metric_value
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
         "temperature": 0, "seed": 1}
-
-
-def error_of(response) -> dict:
-    body = response.get_json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"message", "type", "code"}, body
-    return body["error"]
 
 
 def sse_events(data: bytes) -> list:
@@ -264,8 +257,9 @@ def test_stuck_generation_makes_health_not_ok(make_settings):
 
 def test_a_prompt_that_outlasts_the_stall_limit_keeps_health_ok_and_shows_progress(
         make_settings):
-    # At the default batch (512 tokens a call), chunks follow the stall limit, not the batch.
-    stall = 1.0
+    # At the default batch (512 tokens a call), chunks follow the stall limit, not the batch. The
+    # limit leaves room for the smallest chunk (32 tokens, ~0.4 s here) on a busy machine.
+    stall = 2.0
     settings = make_settings(limits={"stall_seconds": stall})
     engine = loaded_engine(settings)
     client = create_app(settings, engine).test_client()
@@ -332,7 +326,7 @@ def test_unset_the_stall_limit_follows_the_measured_speeds(make_settings):
     list(engine.generate(lease, engine.text_prompt(DOCUMENT), Sampling(max_tokens=4),
                          GenerationStats(0)))
     lease.release()
-    assert engine.prompt_tokens_per_second > 100  # this machine, natively
+    assert engine.prompt_tokens_per_second > 10  # measured, and fast enough here for the floor
     assert engine.stall_limit() == 60.0  # fast: the floor
     # A device that evaluates 2 prompt tokens a second needs 16 s for the smallest chunk.
     engine.prompt_tokens_per_second = 2.0

@@ -42,6 +42,21 @@ def test_sha256_cache_is_used_and_invalidated_by_a_change(tmp_path):
     assert file_sha256(model) == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
+def test_a_pinned_checksum_is_not_fooled_by_restoring_size_and_mtime(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\x05" * 1000)
+    pinned = verify_sha256(model, None)
+    before = model.stat()
+    with model.open("r+b") as changed_in_place:
+        changed_in_place.seek(500)
+        changed_in_place.write(b"\x06")
+    os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert model.stat().st_size == before.st_size
+    assert model.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(ModelFileError, match="does not match the pinned"):
+        verify_sha256(model, pinned)
+
+
 def test_sha256_cache_falls_back_when_beside_the_model_cannot_be_written(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + b"\x03" * 100)

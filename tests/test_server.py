@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from appliance.exitcodes import ExitCode
-from tests.helpers import DOCUMENT, free_port, http_json
+from tests.helpers import DOCUMENT, free_port, http_json, tensor_type_offset, write_config
 
 LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}],
         "ignore_eos": True, "temperature": 0.7}
@@ -246,6 +246,9 @@ def run_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ("truncate", ExitCode.MODEL_INVALID, "truncated or corrupt"),
     ("not_gguf", ExitCode.MODEL_INVALID, "not a GGUF model file"),
     ("missing", ExitCode.MODEL_MISSING, "model file not found"),
+    # Opening a FIFO for reading blocks until a writer comes: never.
+    ("fifo", ExitCode.MODEL_MISSING, "not a regular file"),
+    ("loop", ExitCode.MODEL_MISSING, "cannot read the model file"),
 ])
 def test_broken_model_file_exits_with_a_distinct_code(model_path, tmp_path, damage, code,
                                                       message):
@@ -254,9 +257,29 @@ def test_broken_model_file_exits_with_a_distinct_code(model_path, tmp_path, dama
         broken.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
     elif damage == "not_gguf":
         broken.write_text("<html>404 Not Found</html>")
+    elif damage == "fifo":
+        os.mkfifo(broken)
+    elif damage == "loop":
+        broken.symlink_to(broken)
     result = run_serve("--model", str(broken))
     assert result.returncode == code, result.stderr
     assert message in result.stderr
+
+
+def test_a_model_that_makes_llama_cpp_abort_is_refused_with_its_reason_not_restarted(
+        model_path, tmp_path):
+    """One byte: the first norm weight's type, F32 (0) → 26, passes the GGUF checks and makes
+    llama.cpp abort() in its first evaluation. The trial load reports llama.cpp's words."""
+    broken = tmp_path / "flipped.gguf"
+    data = bytearray(model_path.read_bytes())
+    data[tensor_type_offset(model_path, "blk.0.attn_norm.weight")] = 26
+    broken.write_bytes(data)
+    result = run_serve("--model", str(broken), "--config", str(write_config(
+        tmp_path / "a.toml", {"paths": {"state_dir": str(tmp_path)},
+                              "verify": {"enabled": False}})))
+    assert result.returncode == ExitCode.MODEL_INVALID, result.stderr
+    assert "died of SIGABRT" in result.stderr
+    assert "unsupported types" in result.stderr  # llama.cpp's own reason
 
 
 def test_pinned_sha256_mismatch_refuses_to_load(start_server, model_path, tmp_path):

@@ -8,6 +8,8 @@ ends, and compares that with the file's size, without loading anything.
 
 from __future__ import annotations
 
+import math
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +51,17 @@ class GgufHeader:
 def read_gguf_header(path: Path) -> GgufHeader:
     """Validate the fixed GGUF header; raise ModelFileError saying what is wrong."""
     try:
+        # Only a regular file: opening a FIFO (or reading a device) can block for ever.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ModelFileError(f"{path}: not a regular file (a directory, pipe or device); "
+                                 "point model.path at a .gguf file", ExitCode.MODEL_MISSING)
         with path.open("rb") as handle:
             head = handle.read(24)
     except FileNotFoundError:
         raise ModelFileError(f"{path}: model file not found", ExitCode.MODEL_MISSING) from None
-    except IsADirectoryError:
-        raise ModelFileError(f"{path}: is a directory, not a model file",
-                             ExitCode.MODEL_MISSING) from None
-    except PermissionError as exc:
-        raise ModelFileError(f"{path}: cannot read the model file: {exc.strerror}",
+    except OSError as exc:  # a symlink loop, permissions, an I/O error of the drive
+        raise ModelFileError(f"{path}: cannot read the model file: {exc.strerror}; check the "
+                             "path, its permissions and the drive (dmesg)",
                              ExitCode.MODEL_MISSING) from None
     if len(head) < 24 or head[:4] != GGUF_MAGIC:
         raise ModelFileError(
@@ -112,8 +116,17 @@ class _Reader:
         return self.unpack(SCALARS[kind])[0]
 
 
-def required_size(path: Path) -> int:
-    """The bytes a complete file must have: the end of its last tensor's data."""
+@dataclass(frozen=True)
+class TensorInfo:
+    name: bytes
+    shape: tuple[int, ...]
+    kind: int  # ggml type
+    offset: int  # of its data, from the start of the data section
+    kind_at: int  # where in the file `kind` is written
+
+
+def tensor_infos(path: Path) -> tuple[list[TensorInfo], int]:
+    """The tensor table, and where the data section starts."""
     header = read_gguf_header(path)
     with path.open("rb") as handle:
         reader = _Reader(handle, path)
@@ -125,20 +138,28 @@ def required_size(path: Path) -> int:
             value = reader.value(kind)
             if key == b"general.alignment" and isinstance(value, int) and value > 0:
                 alignment = value
-        end_of_data = 0
+        infos = []
         for _ in range(header.tensor_count):
-            reader.string()
+            name = reader.string()
             (dims,) = reader.unpack("I")
             if dims > MAX_DIMS:
                 raise ModelFileError(f"{path}: implausible tensor with {dims} dimensions")
             shape = reader.unpack("Q" * dims)
+            kind_at = handle.tell()
             kind, offset = reader.unpack("IQ")
-            elements = 1
-            for extent in shape:
-                elements *= extent
-            block_elements, block_bytes = TYPE_SIZES.get(kind, (1, 0))  # unknown: offset only
-            end_of_data = max(end_of_data, offset + elements // block_elements * block_bytes)
+            infos.append(TensorInfo(name, shape, kind, offset, kind_at))
         data_start = -(-handle.tell() // alignment) * alignment
+    return infos, data_start
+
+
+def required_size(path: Path) -> int:
+    """The bytes a complete file must have: the end of its last tensor's data."""
+    infos, data_start = tensor_infos(path)
+    end_of_data = 0
+    for info in infos:
+        elements = math.prod(info.shape)
+        block_elements, block_bytes = TYPE_SIZES.get(info.kind, (1, 0))  # unknown: offset only
+        end_of_data = max(end_of_data, info.offset + elements // block_elements * block_bytes)
     return data_start + end_of_data
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Request, Response, current_app, jsonify, request
@@ -14,18 +16,19 @@ from pydantic import ValidationError
 from werkzeug.exceptions import BadRequest
 
 from appliance.service.engine import (
+    ClientGone,
     Engine,
     EngineState,
     GenerationStats,
     Lease,
     NotReady,
-    PromptTooLong,
     QueueFull,
     QueueTimeout,
     Sampling,
 )
 from appliance.service.errors import ApiError
 from appliance.service.metrics import Metrics
+from appliance.service.prompts import ControlTokenText, PromptTooLong
 from appliance.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
 from appliance.settings import VERIFICATION_HEADER, Settings
 
@@ -48,10 +51,18 @@ def _settings() -> Settings:
 
 
 def _parse(model: type[SamplingParams]) -> Any:
+    # Only JSON: a web page may POST text/plain to any address without asking first (CORS
+    # preflights only non-simple requests), so a keyless loopback service would run its prompts.
+    if not request.is_json:
+        raise ApiError(415, f"Content-Type must be application/json, not "
+                            f"{request.mimetype or 'missing'}", "unsupported_media_type")
     try:
-        body = request.get_json(force=True)
+        body = request.get_json()
     except BadRequest:
         raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply to be a request",
+                       "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
     try:
@@ -91,9 +102,16 @@ def _ready_engine() -> Engine:
     return engine
 
 
-def _acquire(engine: Engine) -> Lease:
+def _acquire(completion: _Completion) -> Lease:
+    engine = completion.engine
+    estimate = engine.estimate_seconds(len(completion.prompt), completion.sampling.max_tokens)
     try:
-        return engine.acquire()
+        return engine.acquire(estimate, completion.client_gone)
+    except ClientGone:
+        # Nobody reads this answer; the status (nginx's "client closed request") is for the
+        # metrics.
+        raise ApiError(499, "the client closed the connection while queued",
+                       "client_closed_request") from None
     except QueueFull as exc:
         raise ApiError(429, f"{exc}", "queue_full",
                        {"Retry-After": str(exc.retry_after)}) from None
@@ -112,9 +130,12 @@ def _client_gone() -> Callable[[], bool]:
 
 
 def is_verification(incoming: Request) -> bool:
-    """Requests of `pi-appliance verify` (authenticated like any other); they are measured by
-    the verifier and kept out of the user-facing metrics."""
-    return incoming.headers.get(VERIFICATION_HEADER) == "1"
+    """Requests of `pi-appliance verify` (authenticated like any other, and carrying this
+    instance's verification token); they are measured by the verifier and kept out of the
+    user-facing metrics."""
+    presented = incoming.headers.get(VERIFICATION_HEADER, "")
+    return hmac.compare_digest(presented.encode(),
+                               current_app.extensions["appliance.verification_token"].encode())
 
 
 def _record(metrics: Metrics | None, stats: GenerationStats) -> None:
@@ -197,7 +218,7 @@ class _Completion:
 
 
 def _respond(completion: _Completion, stream: bool) -> Response:
-    lease = _acquire(completion.engine)
+    lease = _acquire(completion)
     if not stream:
         try:
             body = completion.whole(lease)
@@ -220,11 +241,19 @@ def _respond(completion: _Completion, stream: bool) -> Response:
     return response
 
 
-def _prompt_checked(engine: Engine, prompt: list[int], sampling: Sampling) -> Sampling:
+@contextmanager
+def _prompt_errors() -> Iterator[None]:
     try:
-        budget = engine.token_budget(len(prompt), sampling.max_tokens)
+        yield
     except PromptTooLong as exc:
         raise ApiError(400, str(exc), "context_length_exceeded") from None
+    except ControlTokenText as exc:
+        raise ApiError(400, str(exc), "control_token_text") from None
+
+
+def _prompt_checked(engine: Engine, prompt: list[int], sampling: Sampling) -> Sampling:
+    with _prompt_errors():
+        budget = engine.token_budget(len(prompt), sampling.max_tokens)
     return dataclasses.replace(sampling, max_tokens=budget)
 
 
@@ -232,7 +261,9 @@ def _prompt_checked(engine: Engine, prompt: list[int], sampling: Sampling) -> Sa
 def chat_completions() -> Response:
     params: ChatCompletionRequest = _parse(ChatCompletionRequest)
     engine = _ready_engine()
-    prompt, template_stops = engine.chat_prompt([m.as_template_input() for m in params.messages])
+    with _prompt_errors():
+        prompt, template_stops = engine.chat_prompt(
+            [m.as_template_input() for m in params.messages])
     sampling = _sampling(params, params.requested_max_tokens, template_stops)
     completion = _Completion("chat", prompt, _prompt_checked(engine, prompt, sampling),
                              params.wants_usage_in_stream)
@@ -243,7 +274,8 @@ def chat_completions() -> Response:
 def completions() -> Response:
     params: CompletionRequest = _parse(CompletionRequest)
     engine = _ready_engine()
-    prompt = engine.text_prompt(params.prompt)
+    with _prompt_errors():
+        prompt = engine.text_prompt(params.prompt)
     sampling = _sampling(params, params.requested_max_tokens, ())
     completion = _Completion("text", prompt, _prompt_checked(engine, prompt, sampling),
                              params.wants_usage_in_stream)

@@ -35,11 +35,17 @@ from appliance.models.checksums import verify_sha256
 from appliance.models.gguf import quantization_name, read_gguf_header
 from appliance.models.store import catalog_id_of
 from appliance.service import tuning
+from appliance.service.loading import (
+    LOAD_FLOOR_SECONDS,
+    TrialLoad,
+    llama_arguments,
+    load_time_bound,
+    passed_trial,
+)
+from appliance.service.prompts import PromptBuilder, PromptTooLong
 from appliance.settings import LimitsSettings, ModelSettings
 
 log = logging.getLogger(__name__)
-# model.kv_cache_type → llama.cpp's element type for the K and V caches.
-KV_CACHE_GGML_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
 
 
 class EngineState(StrEnum):
@@ -59,14 +65,14 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class ClientGone(Exception):
+    """The client hung up while its request waited in the queue."""
+
+
 class QueueTimeout(Exception):
     def __init__(self, waited: float, retry_after: int):
         super().__init__(f"waited {waited:.0f} s in the queue without being served")
         self.retry_after = retry_after
-
-
-class PromptTooLong(ValueError):
-    pass
 
 
 # A prompt chunk is sized to take about this long at the speed measured so far, and holds at
@@ -81,6 +87,8 @@ STALL_FLOOR_SECONDS = 60.0
 STALL_UNMEASURED_SECONDS = 120.0
 # Weight of the newest measurement in the speeds' moving averages.
 SPEED_SMOOTHING = 0.3
+# How often a request waiting in the queue looks whether its client is still there.
+CLIENT_CHECK_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -185,10 +193,13 @@ class Engine:
         self._state_dir = state_dir
         self._clock = clock
         self._llama: Any = None
-        self._chat_formatter: Callable[..., Any] | None = None
+        self._prompts: PromptBuilder | None = None
         self._condition = threading.Condition()
         self._busy = False
-        self._waiting = 0
+        # Predicted seconds of the running request and of each one waiting: what Retry-After
+        # adds up.
+        self._running_estimate = 0.0
+        self._waiting_estimates: list[float] = []
         self._last_progress = clock()
         self.prompt_progress: PromptProgress | None = None
         # Prompt tokens llama.cpp evaluated: a shared start kept in the KV cache is not counted.
@@ -199,6 +210,9 @@ class Engine:
         self._average_request_seconds = 5.0
         self._request_started = 0.0
         self._stop = threading.Event()
+        self._trial: TrialLoad | None = None
+        # While loading: when the current step must have shown progress (load_overdue).
+        self._load_deadline = clock() + LOAD_FLOOR_SECONDS
         # Every call into llama.cpp (load and each generation) runs on this one thread.
         # llama.cpp's OpenMP workers belong to the thread that calls it: calls from many HTTP
         # threads would leave one idle worker team per thread, and with more OpenMP threads
@@ -226,33 +240,48 @@ class Engine:
                 self._last_progress = self._clock()
         return self.facts
 
+    def _step(self, status: str, seconds: float = LOAD_FLOOR_SECONDS) -> None:
+        """A step of loading begins, or shows progress: it has `seconds` for its next sign."""
+        self.status_line = status
+        self._load_deadline = self._clock() + seconds
+
+    def load_overdue(self) -> bool:
+        """Loading, and its current step has shown no progress in its time: a read is blocked
+        (a hung drive or network mount), which no thread can interrupt."""
+        return self.state is EngineState.LOADING and self._clock() > self._load_deadline
+
     def _load(self) -> ModelFacts:
         settings = self.model_settings
         path = settings.path
         started = self._clock()
-        self.status_line = f"checking {path.name}"
+        self._step(f"checking {path.name}")
         read_gguf_header(path)
-        self.status_line = f"computing sha256 of {path.name}"
-        sha256 = verify_sha256(path, settings.sha256, self._state_dir)
-        self.status_line = f"loading {path.name}"
+        size = path.stat().st_size
+        hashed = 0
+
+        def hashing(chunk: int) -> None:
+            nonlocal hashed
+            hashed += chunk
+            self._step(f"computing sha256 of {path.name}: {hashed * 100 // max(size, 1)} %")
+
+        hashing(0)
+        try:
+            sha256 = verify_sha256(path, settings.sha256, self._state_dir, hashing)
+        except OSError as exc:  # an I/O error of the drive midway
+            raise ModelFileError(f"{path}: cannot read the model file: {exc.strerror}; check "
+                                 "the drive (dmesg)", ExitCode.MODEL_MISSING) from None
+        if not passed_trial(self._state_dir, sha256):
+            self._step(f"trial load of {path.name} in a child process", load_time_bound(size))
+            self._trial = TrialLoad(settings)
+            if self._stop.is_set():
+                self._trial.stop()
+            self._trial.run(sha256, self._state_dir, size)
+        self._step(f"loading {path.name}", load_time_bound(size))
         from llama_cpp import Llama, llama_cpp  # deferred: importing loads the native library
 
         cores = physical_core_count()
-        cache_type = KV_CACHE_GGML_TYPES[settings.kv_cache_type]
         try:
-            llama = Llama(
-                model_path=str(path),
-                n_threads=settings.threads or cores,
-                n_threads_batch=settings.threads or cores,
-                n_ctx=settings.context,
-                n_batch=settings.batch,
-                flash_attn=settings.flash_attention,
-                type_k=getattr(llama_cpp, cache_type),
-                type_v=getattr(llama_cpp, cache_type),
-                use_mmap=True,
-                use_mlock=settings.mlock,
-                verbose=False,
-            )
+            llama = Llama(**llama_arguments(settings, settings.threads or cores, verbose=False))
         except ValueError as exc:  # llama-cpp-python's wording for "llama.cpp refused it"
             raise ModelFileError(
                 f"{path}: llama.cpp could not load the model ({exc}); the file is probably "
@@ -262,7 +291,7 @@ class Engine:
                                  ExitCode.TRANSIENT) from None
         threads_choice = self._choose_threads(llama, sha256, cores)
         self._llama = llama
-        self._chat_formatter = self._make_chat_formatter(llama)
+        self._prompts = PromptBuilder(llama, settings.special_tokens_in_chat)
         file_type = llama.metadata.get("general.file_type")
         return ModelFacts(
             # A model from the store is named by its catalog id, which follows a fallback.
@@ -290,7 +319,7 @@ class Engine:
         choice = tuning.stored_choice(self._state_dir, sha256)
         if choice is None:
             def progress(message: str) -> None:
-                self.status_line = f"timing decode by thread count: {message}"
+                self._step(f"timing decode by thread count: {message}")
             rates = tuning.decode_rates(llama, list(range(1, cores + 1)), progress=progress)
             choice = tuning.store_choice(self._state_dir, sha256, rates)
             log.info("threads: %d, the fastest decode measured (%s tok/s by count)",
@@ -298,61 +327,61 @@ class Engine:
         tuning.use_threads(llama, choice["threads"], cores)
         return {"source": "measured"} | choice
 
-    @staticmethod
-    def _make_chat_formatter(llama: Any) -> Callable[..., Any]:
-        from llama_cpp import llama_chat_format
-
-        template = llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            log.warning("the model has no chat template; using ChatML")
-            return llama_chat_format.format_chatml
-
-        def token_text(token: int) -> str:
-            return llama._model.token_get_text(token) if token != -1 else ""
-
-        # The renderer is llama-cpp-python's sandboxed Jinja2 environment (CVE-2024-34359).
-        return llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=token_text(llama.token_eos()),
-            bos_token=token_text(llama.token_bos()),
-            stop_token_ids=[llama.token_eos()],
-        )
-
     # ---- admission -----------------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        return len(self._waiting_estimates)
 
     @property
     def busy(self) -> bool:
         return self._busy
 
-    def _retry_after(self) -> int:
-        return max(1, math.ceil(self._average_request_seconds * (self._waiting + 1)))
+    def estimate_seconds(self, prompt_tokens: int, max_tokens: int) -> float:
+        """How long a request of this size takes at the speeds measured here (at most: the
+        whole prompt evaluated, every token generated); the average request until measured."""
+        if self.prompt_tokens_per_second is None or self._seconds_per_token is None:
+            return self._average_request_seconds
+        return prompt_tokens / self.prompt_tokens_per_second + max_tokens * self._seconds_per_token
 
-    def acquire(self) -> Lease:
-        """Wait for the model, or raise QueueFull / QueueTimeout / NotReady."""
+    def _retry_after(self) -> int:
+        """Seconds until the queue has room: the rest of the running request and all waiting."""
+        running_left = max(0.0, self._running_estimate - (self._clock() - self._request_started))
+        return max(1, math.ceil(running_left + sum(self._waiting_estimates)))
+
+    def acquire(self, estimate: float | None = None,
+                client_gone: Callable[[], bool] = lambda: False) -> Lease:
+        """Wait for the model, or raise QueueFull / QueueTimeout / NotReady / ClientGone.
+
+        `estimate` is the request's predicted seconds (`estimate_seconds`); a client that hangs
+        up while waiting gives its place back at once instead of being run for nobody.
+        """
+        estimate = self._average_request_seconds if estimate is None else estimate
         with self._condition:
             if self.state is not EngineState.READY:
                 raise NotReady(self.state.value)
-            if self._busy and self._waiting >= self.limits.queue_size:
+            if self._busy and len(self._waiting_estimates) >= self.limits.queue_size:
                 raise QueueFull(self._retry_after())
-            self._waiting += 1
+            self._waiting_estimates.append(estimate)
             try:
                 started = self._clock()
                 deadline = started + self.limits.queue_timeout_seconds
                 while self._busy and self.state is EngineState.READY:
+                    if client_gone():
+                        raise ClientGone()
                     remaining = deadline - self._clock()
                     if remaining <= 0:
                         raise QueueTimeout(self._clock() - started, self._retry_after())
-                    self._condition.wait(remaining)
+                    self._condition.wait(min(remaining, CLIENT_CHECK_SECONDS))
                 if self.state is not EngineState.READY:
                     raise NotReady(self.state.value)
+                if client_gone():
+                    raise ClientGone()
                 self._busy = True
+                self._running_estimate = estimate
                 self._request_started = self._last_progress = self._clock()
             finally:
-                self._waiting -= 1
+                self._waiting_estimates.remove(estimate)
         return Lease(self)
 
     def _release(self) -> None:
@@ -392,20 +421,19 @@ class Engine:
             self.state = EngineState.STOPPING
             self._stop.set()
             self._condition.notify_all()
+        if self._trial is not None:
+            self._trial.stop()
 
     # ---- prompts -------------------------------------------------------------------------
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
-        """Render the chat template and tokenize: (prompt tokens, template stop strings)."""
-        assert self._chat_formatter is not None and self._llama is not None
-        rendered = self._chat_formatter(messages=messages)
-        tokens = self._llama.tokenize(rendered.prompt.encode("utf-8"),
-                                      add_bos=not rendered.added_special, special=True)
-        stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
-        return tokens, tuple(stop for stop in stops if stop)
+        """(prompt tokens, the template's stop strings) for a chat; see prompts.py."""
+        assert self._prompts is not None
+        return self._prompts.chat(messages)
 
     def text_prompt(self, prompt: str) -> list[int]:
-        return self._llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        assert self._prompts is not None
+        return self._prompts.text(prompt)
 
     def token_budget(self, prompt_tokens: int, requested: int) -> int:
         """Tokens this request may generate; PromptTooLong when the prompt leaves no room."""

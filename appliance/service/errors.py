@@ -9,11 +9,16 @@ from werkzeug.exceptions import HTTPException
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
+    499: "invalid_request_error",
     500: "server_error",
+    501: "invalid_request_error",
     503: "unavailable_error",
 }
 
@@ -28,11 +33,18 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def error_body(status: int, message: str, code: str) -> dict[str, dict[str, str]]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+                      "code": code}}
+
+
+def body_too_large(limit: int) -> str:
+    return f"request body larger than {limit} bytes (server.max_request_bytes)"
+
+
 def error_response(status: int, message: str, code: str,
                    headers: dict[str, str] | None = None) -> Response:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-                      "code": code}}
-    response = jsonify(body)
+    response = jsonify(error_body(status, message, code))
     response.status_code = status
     response.headers.update(headers or {})
     return response
@@ -49,8 +61,7 @@ def register_error_handlers(app: Flask) -> None:
         messages = {
             404: "no such endpoint; see GET /v1/models, POST /v1/chat/completions, "
                  "POST /v1/completions, GET /health, GET /metrics",
-            413: f"request body larger than {app.config['MAX_CONTENT_LENGTH']} bytes "
-                 "(server.max_request_bytes)",
+            413: body_too_large(app.config["MAX_CONTENT_LENGTH"]),
         }
         code = (error.name or "error").lower().replace(" ", "_")
         return error_response(status, messages.get(status, error.description or code), code)

@@ -8,10 +8,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_STOP_LENGTH = 128
 MAX_MESSAGES = 512
+
+
+def _encodable(text: str) -> str:
+    # JSON may carry "\ud800" alone; such a string has no UTF-8 form, and the chat template and
+    # the tokenizer would fail on it deep inside.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone surrogate (\\u{ord(text[exc.start]):04x}) at "
+                         f"character {exc.start}: not text; send valid UTF-8") from None
+    return text
+
+
+# Every string of a request: text that has a UTF-8 form.
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Request(BaseModel):
@@ -25,7 +40,7 @@ class StreamOptions(_Request):
 class SamplingParams(_Request):
     """Fields shared by both completion endpoints."""
 
-    model: str | None = Field(default=None, max_length=256)
+    model: Text | None = Field(default=None, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
@@ -35,14 +50,14 @@ class SamplingParams(_Request):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 2)
-    stop: (Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
-           | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None) = None
+    stop: (Annotated[Text, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+           | list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None) = None
     # llama-server's extension: generate exactly max_tokens (benchmarks need it).
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -57,13 +72,13 @@ class SamplingParams(_Request):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = Field(default=None, max_length=64)
+    content: Text | list[TextPart]
+    name: Text | None = Field(default=None, max_length=64)
 
     def as_template_input(self) -> dict[str, str]:
         text = (self.content if isinstance(self.content, str)
@@ -83,7 +98,7 @@ class ChatCompletionRequest(SamplingParams):
 
 
 class CompletionRequest(SamplingParams):
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     echo: Literal[False] = False
 
     @property

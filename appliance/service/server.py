@@ -9,20 +9,23 @@ from __future__ import annotations
 import _thread
 import errno
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
-
-import waitress
 
 from appliance.exitcodes import ApplianceError, ExitCode
 from appliance.service.app import create_app
 from appliance.service.engine import Engine, EngineState
+from appliance.service.http import create_server
 from appliance.service.systemd import Notifier
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
+# How often the loading is looked at for progress.
+LOAD_WATCH_SECONDS = 1.0
 
 
 def _describe(engine: Engine) -> str:
@@ -32,6 +35,19 @@ def _describe(engine: Engine) -> str:
             f"context {facts.context}), loaded in {facts.load_seconds:.1f} s")
 
 
+def _exit_when_load_overdue(engine: Engine) -> None:
+    """A load blocked in a read cannot be interrupted, and systemd would go on extending the
+    start for it: exit, with the code of a model that cannot be read."""
+    while engine.state is EngineState.LOADING:
+        if engine.load_overdue():
+            log.error("%s: loading made no progress in its time (%s): a blocked read — a "
+                      "hung drive, network mount or USB disk? Check dmesg",
+                      engine.model_settings.path, engine.status_line)
+            logging.shutdown()
+            os._exit(ExitCode.MODEL_MISSING)
+        time.sleep(LOAD_WATCH_SECONDS)
+
+
 def serve(settings: Settings, when_loaded: Callable[[], object] | None = None) -> int:
     """Serve until a signal; `when_loaded` runs once the model is (the self-verification, which
     lives in a layer above this one)."""
@@ -39,17 +55,7 @@ def serve(settings: Settings, when_loaded: Callable[[], object] | None = None) -
     engine = Engine(settings.model, settings.limits, settings.paths.state_dir)
     app = create_app(settings, engine)
     try:
-        server = waitress.create_server(
-            app, host=settings.server.host, port=settings.server.port,
-            threads=settings.server.http_threads,
-            # Lets the app notice a client that hangs up while its request is generating.
-            channel_request_lookahead=1,
-            # Each streamed token is sent by the thread that produced it, at once. The default
-            # (18000) leaves small writes to the I/O thread: one more thread to wake per token,
-            # competing with the inference threads for the cores.
-            send_bytes=1,
-            ident="pi-llm-appliance", clear_untrusted_proxy_headers=True,
-        )
+        server = create_server(app, settings.server)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             log.error("port %s on %s is already in use", settings.server.port,
@@ -83,7 +89,13 @@ def serve(settings: Settings, when_loaded: Callable[[], object] | None = None) -
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
         notifier.stopping()
+        loading = engine.state is EngineState.LOADING
         engine.shut_down()
+        if loading:
+            # No request can be running, and the loader may sit in a read that nothing
+            # interrupts (a hung drive): waiting for it would outlast the stop timeout.
+            logging.shutdown()
+            os._exit(int(exit_code))
         # Leaves waitress's loop, which then drains its task threads (5 s at most).
         raise SystemExit(int(exit_code))
 
@@ -96,6 +108,8 @@ def serve(settings: Settings, when_loaded: Callable[[], object] | None = None) -
                                   lambda: engine.status_line)
     notifier.start_watchdog(lambda: engine.state is EngineState.READY and not engine.is_stalled())
     threading.Thread(target=load, name="model-loader", daemon=True).start()
+    threading.Thread(target=_exit_when_load_overdue, args=(engine,), name="load-watch",
+                     daemon=True).start()
     try:
         server.run()  # returns when on_signal raises SystemExit inside its loop
     except SystemExit:  # the signal came before the loop started

@@ -27,7 +27,6 @@ from appliance.verification.conditions import Monitor, machine_facts
 
 Progress = Callable[[str], None]
 
-VERIFICATION_HEADER = "X-Appliance-Verification"
 # Plain words the common tokenizers map to about one token each; a pass's prompt cycles them.
 _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
           "small", "birds", "sing", "in", "the", "old", "green", "tree", "near", "our", "house",

@@ -50,6 +50,18 @@ def wait_until_loaded(url: str, wait_seconds: float) -> dict[str, Any]:
                          ExitCode.UNREACHABLE)
 
 
+def _verification_header(settings: Settings) -> dict[str, str]:
+    """The header that keeps the verifier's requests out of the users' metrics; none (and
+    counted as users') when the service's token cannot be read."""
+    try:
+        token = settings.verification_token_file.read_text().strip()
+    except OSError as error:
+        log.warning("cannot read %s (%s): the verification's requests will count in the "
+                    "service's metrics", settings.verification_token_file, error.strerror)
+        return {}
+    return {VERIFICATION_HEADER: token}
+
+
 def judge(measured_tps: float, settings: Settings) -> tuple[str, str]:
     target = settings.verify.target_tps
     threshold = target * (1 - settings.verify.tolerance)
@@ -91,7 +103,7 @@ def verify(settings: Settings,
                    if settings.server.api_key_file else None)
         spec = BenchSpec(depths=config.depths, n_prompt=config.n_prompt, n_gen=config.n_gen,
                          repetitions=config.repetitions)
-        endpoint = Endpoint(url, api_key, headers={VERIFICATION_HEADER: "1"})
+        endpoint = Endpoint(url, api_key, headers=_verification_header(settings))
         report = bench(ThroughService(endpoint, spec), spec, progress,
                        settings.paths.hardware_root)
         rates = {row["depth"]: row["tg_tokens_per_second"]["median"]
