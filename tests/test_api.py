@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from appliance.service.app import create_app
-from appliance.service.engine import Engine, GenerationStats, Sampling
+from appliance.service.engine import PROMPT_CHUNK_MIN_TOKENS, Engine, GenerationStats, Sampling
 from tests.helpers import DOCUMENT, error_of, metric_value
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
@@ -258,10 +258,17 @@ def test_stuck_generation_makes_health_not_ok(make_settings):
 def test_a_prompt_that_outlasts_the_stall_limit_keeps_health_ok_and_shows_progress(
         make_settings):
     # At the default batch (512 tokens a call), chunks follow the stall limit, not the batch. The
-    # limit leaves room for the smallest chunk (32 tokens, ~0.4 s here) on a busy machine.
-    stall = 2.0
-    settings = make_settings(limits={"stall_seconds": stall})
+    # limit is set from this machine's measured speed, as eight of the smallest chunks: short
+    # enough that the prompt outlasts it twice over, long enough for a chunk on a busy machine
+    # (CI builds virtual Pis beside this test).
+    settings = make_settings(limits={"stall_seconds": 60})
     engine = loaded_engine(settings)
+    lease = engine.acquire()
+    list(engine.generate(lease, engine.text_prompt("Warming up the speed estimate. " * 40),
+                         Sampling(max_tokens=1), GenerationStats(0)))
+    lease.release()
+    stall = 8 * PROMPT_CHUNK_MIN_TOKENS / engine.prompt_tokens_per_second
+    engine.limits = engine.limits.model_copy(update={"stall_seconds": stall})
     client = create_app(settings, engine).test_client()
     seen: list[tuple[int, dict]] = []
     done = threading.Event()
