@@ -14,6 +14,7 @@ import pytest
 from appliance.service.app import create_app
 from appliance.service.engine import Engine
 from appliance.settings import Settings
+from tests import background_pis
 from tests.helpers import GIB, ServerProcess, launch_server
 
 
@@ -189,8 +190,27 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _BUILDS.extend(_prepare_virtual_pis())
 
 
+def _waits_for_a_background_pi(item: pytest.Item) -> bool:
+    return any(name in background_pis.FIXTURES for name in getattr(item, "fixturenames", ()))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.get_closest_marker("virtual_pi") is not None)
+    # The virtual Pis' tests last, and last of all those that wait for a background scenario:
+    # the others run meanwhile.
+    items.sort(key=lambda item: (item.get_closest_marker("virtual_pi") is not None,
+                                 _waits_for_a_background_pi(item)))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the background scenarios (tests/background_pis.py) the selected tests wait for."""
+    if _BUILDS:
+        background_pis.start({background_pis.FIXTURES[name] for item in session.items
+                              for name in getattr(item, "fixturenames", ())
+                              if name in background_pis.FIXTURES}, _BUILDS)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    background_pis.clean_up()
 
 
 @pytest.fixture(scope="session")
