@@ -4,8 +4,9 @@ start, each in its own thread.
 Under emulation every Ansible task is a new Python process on the Pi (about ten seconds each),
 so a converge takes tens of minutes and keeps one of this machine's two cores busy. Run one
 after the other, the provisioning tests alone outlasted CI's 90 minutes. So conftest.py starts
-the scenarios the selected tests need as soon as collection is done: they run side by side, and
-beside the tests that need no Pi; each test then waits for the scenario it asserts on.
+the scenarios the selected tests need with the first test that needs a virtual Pi: they run
+side by side, and beside the virtual Pi tests that need none of them; each test then waits for
+the scenario it asserts on.
 
 - `checked`: Trixie, check mode on a fresh Pi, then the refusals that stop in preflight;
 - `provisioned`: Trixie, a converge, a second run, then a value the service's config check
@@ -270,7 +271,9 @@ def bookworm(directory: Path) -> Bookworm:
     try:
         inventory = write_inventory(project / "inventory", COLLECTION_SLOT)
         converge = ansible_playbook(inventory, "site.yml", cwd=project, log=log)
-        observed = health(instance, COLLECTION_PORT) if converge.returncode == 0 else {}
+        # Nothing after this means anything without it; its output says what went wrong.
+        assert converge.returncode == 0, "\n".join(log) + "\n" + converge.stdout[-5000:]
+        observed = health(instance, COLLECTION_PORT)
         default_port = on_pi(instance, "curl -s -o /dev/null -w '%{http_code}' "
                                        "http://127.0.0.1:8080/health || true")
         venv_python = on_pi(instance, "ls /opt/pi-llm-appliance/venv/lib")
@@ -297,21 +300,16 @@ _started: dict[str, Future] = {}
 _directories: list[Path] = []
 
 
-def start(names: set[str], prerequisites: list[Future]) -> None:
-    """Start the named scenarios, side by side, once what the virtual Pis boot from is built."""
+def start(names: set[str]) -> None:
+    """Start the named scenarios that are not yet started, side by side."""
+    names = names - _started.keys()
     if not names:
         return
     pool = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="background-pi")
-
-    def after_prerequisites(scenario: Callable[[Path], Any], directory: Path) -> Any:
-        for build in prerequisites:
-            build.result()
-        return scenario(directory)
-
     for name in sorted(names):
         directory = Path(tempfile.mkdtemp(prefix=f"pytest-{name}-"))
         _directories.append(directory)
-        _started[name] = pool.submit(after_prerequisites, SCENARIOS[name], directory)
+        _started[name] = pool.submit(SCENARIOS[name], directory)
     pool.shutdown(wait=False)
 
 

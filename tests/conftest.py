@@ -201,12 +201,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                  _waits_for_a_background_pi(item)))
 
 
+# The background scenarios (tests/background_pis.py) the selected tests wait for.
+_SCENARIOS_NEEDED: set[str] = set()
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the background scenarios (tests/background_pis.py) the selected tests wait for."""
-    if _BUILDS:
-        background_pis.start({background_pis.FIXTURES[name] for item in session.items
-                              for name in getattr(item, "fixturenames", ())
-                              if name in background_pis.FIXTURES}, _BUILDS)
+    _SCENARIOS_NEEDED.update(background_pis.FIXTURES[name] for item in session.items
+                             for name in getattr(item, "fixturenames", ())
+                             if name in background_pis.FIXTURES)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -230,6 +232,10 @@ def virtual_pi_host() -> None:
         pytest.skip(f"cannot run a virtual Pi here: {error}")
     for build in _BUILDS:
         build.result()  # a failed build fails here, with its message
+    # Started with the first test that needs a virtual Pi, not earlier: beside three emulated
+    # Pis, the timing of the tests that run the service on this machine does not hold (a
+    # 250-token answer with two llama.cpp threads took over a minute).
+    background_pis.start(_SCENARIOS_NEEDED)
 
 
 @pytest.fixture(scope="session")
