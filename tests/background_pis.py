@@ -52,6 +52,7 @@ def ansible_playbook(inventory: Path, *args: str, cwd: Path = REPOSITORY, newest
     started = time.monotonic()
     result = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, timeout=3600, check=False,
+        stdin=subprocess.DEVNULL,  # an ssh running beside it makes a shared stdin non-blocking
         env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "ANSIBLE_NOCOLOR": "1",
              "HOME": str(Path.home())})
     summary = (f"ansible-playbook {' '.join(args)} ({'newest' if newest else 'oldest'} "
@@ -94,8 +95,8 @@ def health(instance, port: int = 8080) -> dict:
 
 def galaxy(*args: str, cwd: Path) -> None:
     subprocess.run([str(BIN / "ansible-galaxy"), *args], cwd=cwd, check=True,
-                   capture_output=True, text=True, env={"PATH": f"{BIN}:/usr/bin:/bin",
-                                                        "HOME": str(Path.home())})
+                   stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                   env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(Path.home())})
 
 
 @dataclass

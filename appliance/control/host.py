@@ -48,6 +48,10 @@ def run(*args: str | os.PathLike[str], check: bool = True, **kwargs) -> subproce
     """Run a command, capturing its output; on failure raise HostError with what it printed."""
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
+    if "input" not in kwargs:
+        # Never the caller's stdin: ssh makes the stdin it inherits non-blocking while it runs,
+        # and that file is shared, so an ansible-playbook started beside it refuses to start.
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
     try:
         result = subprocess.run([str(arg) for arg in args], check=False, **kwargs)
     except FileNotFoundError as error:
