@@ -225,8 +225,8 @@ def test_health_says_ok_with_the_verification_passed_at_the_virtual_pis_target(p
 
 
 @pytest.mark.virtual_pi
-def test_a_value_the_service_rejects_keeps_the_old_config_and_service(pi):
-    rejected = pi.rejected_value
+def test_a_value_the_service_rejects_keeps_the_old_config_and_service(bookworm):
+    rejected = bookworm.rejected_value
     assert rejected.result.returncode != 0
     assert "server.port = 70000" in rejected.result.stdout  # pi-appliance config check's words
     assert rejected.after == rejected.before  # the same configuration file and service instance
