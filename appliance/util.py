@@ -28,10 +28,11 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` so that a crash leaves either the old or the new content."""
     fd, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -145,3 +145,19 @@ def launch_server(directory: Path, model_path: Path, *, extra_env: dict[str, str
             [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config), *args],
             stdout=sink, stderr=subprocess.STDOUT, env=env)
     return ServerProcess(process, port, config, log, env)
+
+
+def run_fleet(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`pi-appliance fleet …` as an operator runs it, in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "appliance.cli", "fleet", *args],
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          stdin=subprocess.DEVNULL)
+
+
+def write_appliances_inventory(path: Path, hosts: dict[str, dict[str, Any]]) -> Path:
+    """An Ansible inventory whose `appliances` group holds `hosts` (with their vars), in order."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({"all": {"children": {"appliances": {"hosts": hosts}}}},
+                                   sort_keys=False))
+    return path

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import appliance
 from appliance.service.app import create_app
 from appliance.service.engine import PROMPT_CHUNK_MIN_TOKENS, Engine, GenerationStats, Sampling
 from tests.helpers import DOCUMENT, error_of, metric_value
@@ -342,8 +344,9 @@ def test_unset_the_stall_limit_follows_the_measured_speeds(make_settings):
 
 def test_metrics_count_requests_and_tokens(make_settings, shared_engine):
     client = create_app(make_settings(), shared_engine).test_client()
-    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5, "ignore_eos": True})
-    client.post("/v1/chat/completions", json={**CHAT, "temperature": 9})
+    # Closed, as the HTTP server closes every response: a duration ends there.
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5, "ignore_eos": True}).close()
+    client.post("/v1/chat/completions", json={**CHAT, "temperature": 9}).close()
     text = client.get("/metrics").get_data(as_text=True)
     assert metric_value(text, 'appliance_requests_total{endpoint="/v1/chat/completions",'
                               'status="200"}') == 1
@@ -357,6 +360,51 @@ def test_metrics_count_requests_and_tokens(make_settings, shared_engine):
     assert metric_value(text, "appliance_queue_depth") == 0
     assert metric_value(text, "appliance_model_load_seconds") > 0
     assert metric_value(text, 'appliance_engine_state{state="ready"}') == 1
+    # Fleet throughput is a ratio of counters; the seconds cover every generated token.
+    assert 0 < metric_value(text, "appliance_generation_seconds_total") < 60
+    assert metric_value(text, "appliance_request_duration_seconds_count"
+                              '{endpoint="/v1/chat/completions"}') == 2
+
+
+def test_metrics_are_what_prometheus_parses_and_promtool_accepts(make_settings, shared_engine,
+                                                                 pi5_root):
+    settings = make_settings(paths={"hardware_root": str(pi5_root)}, verify={"enabled": True})
+    client = create_app(settings, shared_engine).test_client()
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3})
+    response = client.get("/metrics")
+    # One charset: Prometheus 2 logs a duplicate on every scrape, Prometheus 3 fails it.
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = response.get_data(as_text=True)
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                             text=True, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "_created" not in text
+    assert metric_value(text, "process_resident_memory_bytes") > 50e6  # the model is mapped in
+    model = shared_engine.facts
+    assert metric_value(text, f'appliance_model_info{{model="{model.id}",quantization='
+                              f'"{model.quantization}",sha256="{model.sha256}"}}') == 1
+    assert metric_value(text, f'appliance_build_info{{version="{appliance.__version__}"}}') == 1
+    assert metric_value(text, 'appliance_status{status="verifying"}') == 1  # nothing verified it
+    assert metric_value(text, 'appliance_status{status="ok"}') == 0
+    assert metric_value(text, 'appliance_context_tokens{of="size"}') == model.context
+    assert 0 < metric_value(text, 'appliance_context_tokens{of="held"}') <= model.context
+    assert metric_value(text, "appliance_prompt_evaluation_seconds_total") > 0
+
+
+def test_a_verification_is_exported_with_when_it_finished(make_settings, shared_engine):
+    settings = make_settings(verify={"enabled": True})
+    app = create_app(settings, shared_engine)
+    settings.verify_state_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.verify_state_file.write_text(json.dumps({
+        "result": "pass", "instance_id": app.extensions["appliance.instance_id"],
+        "timestamp": "2026-12-01T10:00:00Z", "measured_tps": 9.5, "depth": 0,
+        "target_tps": 8.0}))
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    # A timestamp, not an age: `time() - …` in an alert finds a verification gone stale.
+    assert metric_value(text, "appliance_verification_timestamp_seconds") == 1796119200
+    assert metric_value(text, 'appliance_status{status="ok"}') == 1
+    assert metric_value(text, 'appliance_verification_tokens_per_second{depth="0",'
+                              'gated="true"}') == 9.5
 
 
 def test_health_and_metrics_report_the_board(make_settings, shared_engine, pi5_root):

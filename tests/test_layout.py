@@ -29,6 +29,7 @@ LAYERS = [
     ["appliance.service"],
     ["appliance.planning"],
     ["appliance.verification"],
+    ["appliance.fleet"],  # the control machine's, but on the CLI; fabric imported when used
     ["appliance.cli"],
 ]
 # The control machine's builder runs from the collection with nothing installed: the bottom

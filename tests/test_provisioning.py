@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -166,6 +167,27 @@ def assert_swap_file_sized_from_the_budget(host) -> None:
     beside_the_model = (budget["os_reserve_bytes"] + budget["runtime_overhead_bytes"]
                         + budget["safety_margin_bytes"]) // 2**20
     assert swapfile.size == min(max(beside_the_model, 512), 4096) * 2**20
+
+
+@pytest.mark.virtual_pi
+def test_the_fleet_tools_see_the_provisioned_pi_through_ansibles_inventory(pi):
+    """`fleet status` and `fleet logs` with the inventory site.yml ran with: Ansible's user, key
+    and known_hosts file, the Pi's own /health and the service's journal (pi is in adm)."""
+    def fleet(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "fleet", *args, "-i",
+                               str(pi.inventory)], capture_output=True, text=True, timeout=300,
+                              check=False, stdin=subprocess.DEVNULL)
+
+    status = fleet("status", "--json", "--limit", pi.name, "--timeout", "30")
+    [row] = json.loads(status.stdout)
+    assert status.returncode == 0, row
+    assert (row["host"], row["status"], row["model"]) == (pi.name, "ok",
+                                                          "smollm2-135m-instruct-q4_1")
+    assert row["verified_tps"] >= pi.target_tps * 0.95
+    assert row["uptime_seconds"] > 0 and row["disk_free_bytes"] > 0
+    logs = fleet("logs", pi.name, "--since", "2 hours ago", "--timeout", "30")
+    assert logs.returncode == 0, logs.stderr
+    assert "pi-llm-appliance" in logs.stdout and "No entries" not in logs.stdout
 
 
 @pytest.mark.virtual_pi

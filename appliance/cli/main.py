@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from appliance import __version__
-from appliance.cli import bench, hardware, model, plan, service
+from appliance.cli import bench, fleet, hardware, model, plan, service
 from appliance.exitcodes import ApplianceError
 from appliance.util import Parser
 
@@ -15,7 +15,7 @@ def build_parser() -> Parser:
                     "check, measure, plan and install models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for verbs in (service, hardware, bench, plan, model):
+    for verbs in (service, hardware, bench, plan, model, fleet):
         verbs.add_commands(commands)
     return parser
 

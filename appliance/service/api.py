@@ -143,6 +143,7 @@ def _record(metrics: Metrics | None, stats: GenerationStats) -> None:
         return
     metrics.prompt_tokens.inc(stats.prompt_tokens)
     metrics.generated_tokens.inc(stats.completion_tokens)
+    metrics.generation_seconds.inc(stats.generation_seconds)
     if stats.time_to_first_token is not None:
         metrics.time_to_first_token.observe(stats.time_to_first_token)
     if stats.decode_tokens_per_second is not None:

@@ -7,7 +7,7 @@ import secrets
 import time
 import uuid
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 
 from appliance.service import api, health
 from appliance.service.auth import FailedAuthentications, require_api_key
@@ -16,7 +16,7 @@ from appliance.service.errors import register_error_handlers
 from appliance.service.guards import check_host, check_origin, host_name
 from appliance.service.metrics import Metrics
 from appliance.settings import Settings, read_api_key
-from appliance.util import write_atomically
+from appliance.util import read_state_file, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     allowed_hosts = None if trusted is None else frozenset(map(host_name, trusted))
     api_key = read_api_key(settings.server.api_key_file) if settings.server.api_key_file else None
     failed_authentications = FailedAuthentications()
-    metrics = Metrics(engine, settings.paths.hardware_root, settings.verify_state_file)
+    instance_id = uuid.uuid4().hex
+
+    def status() -> str:
+        verification = read_state_file(settings.verify_state_file)
+        return health.service_status(engine, settings, instance_id, verification)[0]
+
+    metrics = Metrics(engine, settings.paths.hardware_root, settings.verify_state_file,
+                      settings.paths.models_dir, status, health.STATUSES)
     # The verifier proves it is the verifier with this, read from the state directory that only
     # the service's user can read; a header anyone could send would hide requests from metrics.
     verification_token = secrets.token_hex(16)
@@ -50,12 +57,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
         "appliance.started": time.monotonic(),
         # Names this process in /health; a verification result counts only for the instance
         # it measured.
-        "appliance.instance_id": uuid.uuid4().hex,
+        "appliance.instance_id": instance_id,
         "appliance.verification_token": verification_token,
     })
 
     @app.before_request
     def _guard() -> None:
+        g.arrived = time.monotonic()
         check_host(request, allowed_hosts)
         check_origin(request)
         if request.endpoint not in PUBLIC_ENDPOINTS:
@@ -67,6 +75,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
             return response
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        arrived = g.get("arrived", time.monotonic())
+        # A stream's body is written after this returns: its duration ends when it closes.
+        response.call_on_close(lambda: metrics.request_duration.labels(endpoint).observe(
+            time.monotonic() - arrived))
         return response
 
     register_error_handlers(app)

@@ -147,6 +147,9 @@ class GenerationStats:
     finish_reason: str = "length"
     time_to_first_token: float | None = None
     decode_seconds: float = 0.0
+    # From the end of prompt evaluation to the last token: the time all completion tokens took,
+    # so that tokens / seconds summed over requests is the throughput (the metrics' counters).
+    generation_seconds: float = 0.0
 
     @property
     def total_tokens(self) -> int:
@@ -204,6 +207,7 @@ class Engine:
         self.prompt_progress: PromptProgress | None = None
         # Prompt tokens llama.cpp evaluated: a shared start kept in the KV cache is not counted.
         self.prompt_tokens_evaluated = 0
+        self.prompt_evaluation_seconds = 0.0
         # Measured on this device: prompt tokens per second and seconds per generated token.
         self.prompt_tokens_per_second: float | None = None
         self._seconds_per_token: float | None = None
@@ -397,6 +401,11 @@ class Engine:
 
     # ---- liveness ------------------------------------------------------------------------
 
+    @property
+    def context_tokens_held(self) -> int:
+        """Positions of the context the KV cache holds now (kept for the next request too)."""
+        return self._llama.n_tokens if self._llama is not None else 0
+
     def heartbeat_age(self) -> float:
         """Seconds since the engine last showed progress; 0 while idle (nothing is stuck)."""
         return self._clock() - self._last_progress if self._busy else 0.0
@@ -496,6 +505,7 @@ class Engine:
         if not self._evaluate_prompt(prompt, cancelled):
             stats.finish_reason = "cancelled"
             return
+        evaluated_at = self._clock()
         # The whole prompt is in the KV cache now: generate() finds it there and samples at once.
         tokens = llama.generate(
             prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
@@ -506,6 +516,7 @@ class Engine:
         try:
             for token in tokens:
                 now = self._clock()
+                stats.generation_seconds = now - evaluated_at
                 if first_token_at is not None:
                     self._seconds_per_token = _smoothed(self._seconds_per_token,
                                                         now - self._last_progress)
@@ -569,6 +580,7 @@ class Engine:
                 now = self._clock()
                 position += len(chunk)
                 self.prompt_tokens_evaluated += len(chunk)
+                self.prompt_evaluation_seconds += now - started
                 if now > started:
                     self.prompt_tokens_per_second = _smoothed(self.prompt_tokens_per_second,
                                                               len(chunk) / (now - started))

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 
 from appliance import __version__
 from appliance.hardware import sysfs
 from appliance.service.engine import Engine, EngineState
+from appliance.service.metrics import CONTENT_TYPE
 from appliance.settings import Settings
 from appliance.util import read_state_file
 
@@ -53,6 +54,8 @@ def service_status(engine: Engine, settings: Settings, instance_id: str,
 
 
 HEALTHY = frozenset({"ok", "degraded"})
+# Every status service_status() can give, as /metrics lists them.
+STATUSES = ("loading", "verifying", "ok", "degraded", "refused", "stalled", "failed", "stopping")
 
 
 def board_facts(root: Path) -> dict[str, Any]:
@@ -111,4 +114,4 @@ def _summary(verification: dict[str, Any] | None) -> dict[str, Any] | None:
 @bp.get("/metrics")
 def metrics() -> Response:
     registry = current_app.extensions["appliance.metrics"].registry
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE)
