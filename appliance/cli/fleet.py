@@ -25,12 +25,10 @@ def _hosts(args: argparse.Namespace) -> list:
     return read_inventory(args.inventory, args.limit)
 
 
-def _format(value: Any, unit: str = "") -> str:
+def _format(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}{unit}"
-    return f"{value}{unit}"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def status_table(rows: list) -> str:

@@ -40,9 +40,9 @@ class Row:
         return {**asdict(self), "healthy": self.healthy}
 
 
-def _probe_command(host: Host) -> str:
+def _probe_command(host: Host, timeout: float) -> str:
     # One round trip: health (whatever its status code), uptime, free space where models go.
-    health = f"curl -sS -m {int(DEFAULT_TIMEOUT)} {shlex.quote(host.local_url + '/health')}"
+    health = f"curl -sS -m {timeout:g} {shlex.quote(host.local_url + '/health')}"
     models = shlex.quote(str(layout.MODELS_DIR))
     return (f"{health}; echo; echo {_SEPARATOR}; cat /proc/uptime; echo {_SEPARATOR}; "
             f"df -P -B1 {models} 2>/dev/null || df -P -B1 /")
@@ -85,7 +85,7 @@ def row_from(host: Host, health_text: str, uptime_text: str, df_text: str) -> Ro
 def probe(host: Host, timeout: float = DEFAULT_TIMEOUT) -> Row:
     try:
         with connected(host, timeout) as run:
-            output = run(_probe_command(host), timeout + 10)
+            output = run(_probe_command(host, timeout), timeout + 10)
     except Unreachable as error:
         return Row(host.name, reachable=False, problems=[f"unreachable: {error}"])
     parts = output.stdout.split(_SEPARATOR)

@@ -16,7 +16,7 @@ from appliance.service.errors import register_error_handlers
 from appliance.service.guards import check_host, check_origin, host_name
 from appliance.service.metrics import Metrics
 from appliance.settings import Settings, read_api_key
-from appliance.util import read_state_file, write_atomically
+from appliance.util import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     failed_authentications = FailedAuthentications()
     instance_id = uuid.uuid4().hex
 
-    def status() -> str:
-        verification = read_state_file(settings.verify_state_file)
+    def status(verification: dict | None) -> str:
         return health.service_status(engine, settings, instance_id, verification)[0]
 
     metrics = Metrics(engine, settings.paths.hardware_root, settings.verify_state_file,

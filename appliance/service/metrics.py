@@ -46,7 +46,8 @@ class _LiveCollector(Collector):
     """Values read at scrape time, so they are never stale: engine state and the board."""
 
     def __init__(self, engine: Engine, hardware_root: Path, verify_state_file: Path,
-                 models_dir: Path, status: Callable[[], str], statuses: tuple[str, ...]):
+                 models_dir: Path, status: Callable[[dict | None], str],
+                 statuses: tuple[str, ...]):
         self._engine = engine
         self._root = hardware_root
         self._models_dir = models_dir
@@ -60,7 +61,9 @@ class _LiveCollector(Collector):
                                   labels=["version"])
         build.add_metric([__version__], 1)
         yield build
-        current = self._status()
+        # Read once a scrape: the status and the verification series agree.
+        verification = read_state_file(self._verify_state_file)
+        current = self._status(verification)
         status = GaugeMetricFamily(
             "appliance_status", "The status /health reports (1 = current): ok and degraded "
             "serve, the others do not", labels=["status"])
@@ -133,7 +136,7 @@ class _LiveCollector(Collector):
                     flags.add_metric([condition, when], int(active))
             yield flags
         yield from self._filesystem()
-        yield from self._verification()
+        yield from self._verification(verification)
 
     def _filesystem(self) -> Iterator[Metric]:
         # The model store's filesystem: a model install needs the model's size free twice over.
@@ -147,8 +150,7 @@ class _LiveCollector(Collector):
         yield _gauge("appliance_models_filesystem_size_bytes",
                      "Size of the model store's filesystem", stats.f_blocks * stats.f_frsize)
 
-    def _verification(self) -> Iterator[Metric]:
-        result = read_state_file(self._verify_state_file)
+    def _verification(self, result: dict | None) -> Iterator[Metric]:
         if result is None:
             return
         yield _gauge("appliance_verification_passed",
@@ -180,7 +182,8 @@ class _LiveCollector(Collector):
 
 class Metrics:
     def __init__(self, engine: Engine, hardware_root: Path, verify_state_file: Path,
-                 models_dir: Path, status: Callable[[], str], statuses: tuple[str, ...]):
+                 models_dir: Path, status: Callable[[dict | None], str],
+                 statuses: tuple[str, ...]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("appliance_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
