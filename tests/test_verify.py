@@ -24,9 +24,8 @@ from appliance.verification import roofline
 from appliance.verification.bench import BenchSpec, Endpoint, InProcess
 from appliance.verification.conditions import Conditions, Monitor, parse_pmic_adc
 from appliance.verification.verify import write_result
-from tests.helpers import free_port, http_json, metric_value, write_config
+from tests.helpers import SMOLLM2_SHA256, free_port, http_json, metric_value, write_config
 
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 QUICK = ("--depth", "0,32", "--n-prompt", "16", "--n-gen", "8", "--repetitions", "2")
 # A quick verification at a realistic shape; the target decides the verdict. `pi-appliance
 # verify` runs it, as pi-llm-appliance-verify.service does on a Pi.

@@ -145,6 +145,23 @@ def run_verify(args: argparse.Namespace) -> int:
     return EXIT_CODES[result["result"]]
 
 
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is measured; `fleet bench` takes the same and passes them on (`spec_arguments`)."""
+    parser.add_argument("--depth", type=_depths, default=[0, 1024],
+                        help="context depths, comma-separated (default 0,1024)")
+    parser.add_argument("--n-prompt", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--n-gen", type=int, default=64, help="generated tokens (default 64)")
+    parser.add_argument("--repetitions", type=int, default=5, help="timed passes (default 5)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass")
+
+
+def spec_arguments(args: argparse.Namespace) -> list[str]:
+    """The command line that `add_spec_arguments` parsed into `args`."""
+    return (["--depth", ",".join(map(str, args.depth)), "--n-prompt", str(args.n_prompt),
+             "--n-gen", str(args.n_gen), "--repetitions", str(args.repetitions)]
+            + (["--no-warmup"] if args.no_warmup else []))
+
+
 def add_commands(commands: Any) -> None:
     parser = commands.add_parser(
         "bench", help="measure prompt and generation speed (in-process or through a service)")
@@ -152,12 +169,7 @@ def add_commands(commands: Any) -> None:
     source.add_argument("--model", type=Path, help="GGUF file, measured in this process")
     source.add_argument("--url", help="a running service, measured through its API (streaming)")
     parser.add_argument("--api-key-file", type=Path, help="bearer key for --url")
-    parser.add_argument("--depth", type=_depths, default=[0, 1024],
-                        help="context depths, comma-separated (default 0,1024)")
-    parser.add_argument("--n-prompt", type=int, default=128, help="prompt tokens (default 128)")
-    parser.add_argument("--n-gen", type=int, default=64, help="generated tokens (default 64)")
-    parser.add_argument("--repetitions", type=int, default=5, help="timed passes (default 5)")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up pass")
+    add_spec_arguments(parser)
     parser.add_argument("--threads", type=_threads, default=physical_core_count(),
                         help="threads for --model, or auto: sweep 1…cores, keep the fastest")
     parser.add_argument("--bandwidth", action="store_true",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import getpass
 import io
 import json
 import shlex
@@ -22,45 +24,33 @@ SERVICE_UNIT = layout.UNITS[0]
 def _hosts(args: argparse.Namespace) -> list:
     from appliance.fleet.inventory import read_inventory
 
-    return read_inventory(args.inventory, args.limit)
+    hosts = read_inventory(args.inventory, args.limit)
+    if getattr(args, "ask_become_pass", False):
+        password = getpass.getpass("BECOME password: ")
+        hosts = [host if host.become_password else dataclasses.replace(
+            host, become_password=password) for host in hosts]
+    return hosts
 
 
-def _format(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+def _summary(rows: list, what: str) -> int:
+    unhealthy = sum(not row.healthy for row in rows)
+    print(f"\n{len(rows) - unhealthy} of {len(rows)} {what}")
+    return ExitCode.OK if not unhealthy else ExitCode.NOT_OK
 
 
-def status_table(rows: list) -> str:
-    header = ["host", "status", "model", "tok/s", "target", "°C", "throttled", "uptime",
-              "disk free", "problems"]
-    lines = [header]
-    for row in rows:
-        lines.append([
-            ("! " if not row.healthy else "  ") + row.host,
-            row.status or ("unreachable" if not row.reachable else "-"),
-            row.model or "-",
-            _format(row.verified_tps), _format(row.target_tps),
-            _format(row.soc_temperature_celsius),
-            ",".join(row.throttled_now) or ("no" if row.status else "-"),
-            "-" if row.uptime_seconds is None else f"{row.uptime_seconds / 3600:.1f} h",
-            "-" if row.disk_free_bytes is None else f"{row.disk_free_bytes / 1e9:.1f} GB",
-            "; ".join(row.problems) or "-",
-        ])
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header) - 1)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line[:-1], widths,
-                                                                       strict=True))
-                     + "  " + line[-1] for line in lines)
+def _as_json(rows: list) -> int:
+    print(json.dumps([row.as_dict() for row in rows], indent=2))
+    return ExitCode.OK if all(row.healthy for row in rows) else ExitCode.NOT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
     from appliance.fleet.remote import each
-    from appliance.fleet.status import probe
+    from appliance.fleet.status import probe, status_table
 
     rows = each(_hosts(args), lambda host: probe(host, args.timeout), args.parallel)
     if args.json:
-        print(json.dumps([row.as_dict() for row in rows], indent=2))
-    elif args.csv:
+        return _as_json(rows)
+    if args.csv:
         out = io.StringIO()
         fields = list(rows[0].as_dict())
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
@@ -69,11 +59,42 @@ def _status(args: argparse.Namespace) -> int:
             writer.writerow({key: ";".join(value) if isinstance(value, list) else value
                              for key, value in row.as_dict().items()})
         print(out.getvalue(), end="")
-    else:
-        print(status_table(rows))
-        unhealthy = sum(not row.healthy for row in rows)
-        print(f"\n{len(rows) - unhealthy} of {len(rows)} healthy")
-    return ExitCode.OK if all(row.healthy for row in rows) else ExitCode.NOT_OK
+        return ExitCode.OK if all(row.healthy for row in rows) else ExitCode.NOT_OK
+    print(status_table(rows))
+    return _summary(rows, "healthy")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from appliance.cli.bench import spec_arguments
+    from appliance.fleet.bench import bench_host, bench_table
+    from appliance.fleet.remote import each
+
+    def measured(host: Any) -> Any:
+        print(f"{host.name}: measuring", file=sys.stderr, flush=True)
+        return bench_host(host, spec_arguments(args), args.timeout, args.bench_timeout)
+
+    rows = each(_hosts(args), measured, args.parallel)
+    if args.json:
+        return _as_json(rows)
+    print(bench_table(rows))
+    return _summary(rows, "measured")
+
+
+def _push_model(args: argparse.Namespace) -> int:
+    from appliance.fleet.push import Reporter, local_model, push, pushed_table
+    from appliance.fleet.remote import each
+
+    hosts = _hosts(args)
+    report = Reporter(lambda line: print(line, file=sys.stderr, flush=True))
+    model = local_model(args.source, args.sha256, lambda line: report("here", line))
+    max_rate = args.bwlimit * 1e6 if args.bwlimit else None
+    rows = each(hosts, lambda host: push(host, model, activate=not args.no_activate,
+                                         timeout=args.timeout, report=report,
+                                         max_rate=max_rate), args.parallel)
+    if args.json:
+        return _as_json(rows)
+    print(pushed_table(rows, model))
+    return _summary(rows, "have it")
 
 
 def _logs(args: argparse.Namespace) -> int:
@@ -90,8 +111,8 @@ def _logs(args: argparse.Namespace) -> int:
     if args.since:
         command += ["--since", args.since]
     try:
-        with connected(host, args.timeout) as run:
-            output = run(shlex.join(command), args.timeout + 30)
+        with connected(host, args.timeout) as session:
+            output = session.run(shlex.join(command), args.timeout + 30)
     except Unreachable as error:
         raise ApplianceError(f"{host.name}: {error}", ExitCode.UNREACHABLE) from None
     sys.stdout.write(output.stdout)
@@ -118,6 +139,8 @@ def _prometheus_config(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: Any) -> None:
+    from appliance.cli.bench import add_spec_arguments
+    from appliance.fleet.bench import DEFAULT_BENCH_TIMEOUT
     from appliance.fleet.remote import DEFAULT_PARALLEL, DEFAULT_TIMEOUT
 
     fleet = commands.add_parser("fleet", help="see and act on many appliances (the Ansible "
@@ -131,16 +154,51 @@ def add_commands(commands: Any) -> None:
                             help=f"seconds for each connection and command (default "
                                  f"{DEFAULT_TIMEOUT:g})")
 
+    def several(parser: argparse.ArgumentParser, parallel: int, *, required: bool = False,
+                as_root: bool = False, output: bool = True) -> None:
+        common(parser)
+        parser.add_argument("-l", "--limit", "--hosts", required=required, metavar="PATTERN",
+                            help="an Ansible host pattern" + (" (all for every appliance)"
+                                                              if required else ""))
+        parser.add_argument("--parallel", type=int, default=parallel,
+                            help=f"hosts at once (default {parallel})")
+        if as_root:
+            parser.add_argument("-K", "--ask-become-pass", action="store_true",
+                                help="ask for sudo's password once, for the hosts whose "
+                                     "inventory gives none (ansible_become_password)")
+        if output:
+            parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+
     status = verbs.add_parser("status", help="one row per host: status, model, verified tok/s, "
                               "temperature, throttling, uptime, disk; exit 0 only if all healthy")
-    common(status)
-    status.add_argument("-l", "--limit", help="an Ansible host pattern")
-    status.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
-                        help=f"hosts at once (default {DEFAULT_PARALLEL})")
+    several(status, DEFAULT_PARALLEL, output=False)
     output = status.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="JSON instead of a table")
     output.add_argument("--csv", action="store_true", help="CSV instead of a table")
     status.set_defaults(handler=_status)
+
+    bench = verbs.add_parser("bench", help="`pi-appliance bench` through each Pi's service, on "
+                             "the Pi, in one table; one host at a time unless --parallel")
+    several(bench, 1, as_root=True)
+    add_spec_arguments(bench)
+    bench.add_argument("--bench-timeout", type=float, default=DEFAULT_BENCH_TIMEOUT,
+                       help=f"seconds for one host's benchmark (default "
+                            f"{DEFAULT_BENCH_TIMEOUT:g})")
+    bench.set_defaults(handler=_bench)
+
+    push = verbs.add_parser("push-model", help="send a model over SSH and install it as "
+                            "`pi-appliance model install` does (checked, atomic); a cut "
+                            "transfer resumes where it stopped")
+    several(push, 4, required=True, as_root=True)
+    push.add_argument("source", help="a GGUF file, or a catalog id an installed Python "
+                      "package ships")
+    push.add_argument("--sha256", help="the checksum the file must have (checked here before "
+                      "sending, and on each Pi)")
+    push.add_argument("--no-activate", action="store_true",
+                      help="install only (default: activate and restart the running service)")
+    push.add_argument("--bwlimit", type=float, metavar="MB/S",
+                      help="at most this many megabytes a second to each host (a shared link)")
+    push.set_defaults(handler=_push_model)
 
     logs = verbs.add_parser("logs", help="the service's journal on one host")
     common(logs)
@@ -152,7 +210,8 @@ def add_commands(commands: Any) -> None:
     config = verbs.add_parser("prometheus-config", help="scrape targets, the scrape job, alert "
                               "rules and a Grafana dashboard for the inventory's appliances")
     common(config)
-    config.add_argument("-l", "--limit", help="an Ansible host pattern")
+    config.add_argument("-l", "--limit", "--hosts", metavar="PATTERN",
+                        help="an Ansible host pattern")
     config.add_argument("-o", "--output", type=Path, required=True,
                         help="directory for the files (e.g. /etc/prometheus/pi-llm-appliance)")
     config.add_argument("--keys-dir", type=Path, default=DEFAULT_KEYS_DIR,

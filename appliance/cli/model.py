@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from appliance.cli.options import add_json, add_models_dir
-from appliance.exitcodes import ExitCode
+from appliance.exitcodes import ApplianceError, ExitCode
 from appliance.models.catalog import get_variant, load_catalog
 from appliance.models.store import ModelStore, packaged_file
 
@@ -18,17 +18,29 @@ def _store(args: argparse.Namespace) -> ModelStore:
                       lambda message: print(f"model: {message}", file=sys.stderr, flush=True))
 
 
+def _byte_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of bytes")
+    return int(text)
+
+
 def _install(args: argparse.Namespace) -> int:
     store = _store(args)
     catalog = load_catalog()
-    if args.source in catalog:
+    catalog_id = args.catalog_id and get_variant(args.catalog_id).id
+    if args.source == "-":
+        if args.sha256 is None or args.size is None:
+            raise ApplianceError("a model from standard input needs --sha256 and --size",
+                                 ExitCode.USAGE)
+        model = store.receive(sys.stdin.buffer, args.sha256, args.size, args.offset,
+                              activate=not args.no_activate, catalog_id=catalog_id)
+    elif args.source in catalog:
         model = store.install_variant(catalog[args.source], sha256=args.sha256,
                                       trust=args.trust_unverified, activate=not args.no_activate,
                                       mirror=args.mirror)
     else:
         model = store.install(args.source, args.sha256, trust=args.trust_unverified,
-                              activate=not args.no_activate,
-                              catalog_id=args.catalog_id and get_variant(args.catalog_id).id)
+                              activate=not args.no_activate, catalog_id=catalog_id)
     print(model)
     return ExitCode.OK
 
@@ -74,13 +86,18 @@ def add_commands(commands: Any) -> None:
     actions = model.add_subparsers(dest="model_command", required=True, parser_class=type(model))
     install = actions.add_parser("install", help="download or copy, verify, activate")
     install.add_argument("source", help="a catalog id (see `pi-appliance plan`), an https:// "
-                         "(or http:// with --sha256) URL, or a file")
+                         "(or http:// with --sha256) URL, a file, or - for standard input "
+                         "(with --size; what `fleet push-model` sends)")
     install.add_argument("--mirror", help="for a catalog id: a LAN mirror's base URL that "
                          "serves the same file name (checked against the same sha256)")
     install.add_argument("--sha256", help="the expected checksum (required unless trusted)")
     install.add_argument("--trust-unverified", action="store_true",
                          help="accept a file without a checksum (recorded as trusted)")
     install.add_argument("--no-activate", action="store_true", help="install only")
+    install.add_argument("--size", type=_byte_count, help="for -: the bytes the whole file has")
+    install.add_argument("--offset", type=_byte_count, default=0,
+                         help="for -: the byte the input starts at, resuming what "
+                         "`model list` shows as partial (default 0)")
     install.add_argument("--catalog-id", help="for a file or URL: the catalog variant it is "
                          "(recorded; /health and the fallback name the model by it)")
     install.set_defaults(handler=_install)

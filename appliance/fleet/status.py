@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from appliance import layout
 from appliance.fleet.inventory import Host
-from appliance.fleet.remote import DEFAULT_TIMEOUT, Unreachable, connected
+from appliance.fleet.remote import DEFAULT_TIMEOUT, HostResult, Unreachable, connected
+from appliance.util import aligned
 
 # Where the Pi 5 starts to throttle (firmware soft limit).
 HOT_CELSIUS = 80.0
@@ -19,8 +19,7 @@ _SEPARATOR = "--- pi-llm-appliance fleet ---"
 
 
 @dataclass
-class Row:
-    host: str
+class Row(HostResult):
     reachable: bool
     status: str | None = None  # /health's: ok, degraded, verifying, ...
     model: str | None = None
@@ -30,14 +29,6 @@ class Row:
     throttled_now: list[str] = field(default_factory=list)
     uptime_seconds: float | None = None
     disk_free_bytes: int | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def healthy(self) -> bool:
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "healthy": self.healthy}
 
 
 def _probe_command(host: Host, timeout: float) -> str:
@@ -84,8 +75,8 @@ def row_from(host: Host, health_text: str, uptime_text: str, df_text: str) -> Ro
 
 def probe(host: Host, timeout: float = DEFAULT_TIMEOUT) -> Row:
     try:
-        with connected(host, timeout) as run:
-            output = run(_probe_command(host, timeout), timeout + 10)
+        with connected(host, timeout) as session:
+            output = session.run(_probe_command(host, timeout), timeout + 10)
     except Unreachable as error:
         return Row(host.name, reachable=False, problems=[f"unreachable: {error}"])
     parts = output.stdout.split(_SEPARATOR)
@@ -93,3 +84,28 @@ def probe(host: Host, timeout: float = DEFAULT_TIMEOUT) -> Row:
         return Row(host.name, reachable=True, problems=[
             f"the status command failed ({output.exit_code}): {output.stderr.strip()[-300:]}"])
     return row_from(host, *parts)
+
+
+def _format(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def status_table(rows: list) -> str:
+    header = ["host", "status", "model", "tok/s", "target", "°C", "throttled", "uptime",
+              "disk free", "problems"]
+    lines = [header]
+    for row in rows:
+        lines.append([
+            row.marked_host,
+            row.status or ("unreachable" if not row.reachable else "-"),
+            row.model or "-",
+            _format(row.verified_tps), _format(row.target_tps),
+            _format(row.soc_temperature_celsius),
+            ",".join(row.throttled_now) or ("no" if row.status else "-"),
+            "-" if row.uptime_seconds is None else f"{row.uptime_seconds / 3600:.1f} h",
+            "-" if row.disk_free_bytes is None else f"{row.disk_free_bytes / 1e9:.1f} GB",
+            "; ".join(row.problems) or "-",
+        ])
+    return aligned(lines)

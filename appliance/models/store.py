@@ -5,12 +5,14 @@ Layout of the models directory:
     <sha256>.json    where it came from, when, and how it was verified
     active           symlink to the model the service loads (model.path points here)
     previous         symlink to the model `rollback` returns to
-    .partial/        downloads in progress, resumed after a dropped connection (`list` shows
-                     them, and an `active` or `previous` link whose model is gone)
+    .partial/        downloads and pushes in progress, resumed after a dropped connection
+                     (`list` shows them, and an `active` or `previous` link whose model is gone)
 
 A file is staged in the same filesystem, checked (sha256, GGUF header, complete tensor data),
 fsynced and renamed into place; the `active` link is switched with a rename. Power loss at any
-moment leaves either the old or the new model active, never a half-written one.
+moment leaves either the old or the new model active, never a half-written one. What root adds
+(`sudo pi-appliance model …`, `fleet push-model`) is given to the directory's owner, the service
+user, whose fallback switches models.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ from appliance.util import (
 Progress = Callable[[str], None]
 DOWNLOAD_ATTEMPTS = 6
 PROGRESS_INTERVAL_SECONDS = 2.0
+
+
+class TransferCut(ApplianceError):
+    """The connection went away; what arrived is kept in `.partial/` to resume from."""
+
+    exit_code = ExitCode.TRANSIENT
 
 
 class DiskFull(ApplianceError):
@@ -167,11 +175,24 @@ class ModelStore:
                 f"{sha_prefix!r}: see `pi-appliance model list`", ExitCode.NOT_OK)
         return matches[0]
 
+    def _give_to_owner(self, path: Path) -> None:
+        """Root's additions belong to the store's owner, who must read and switch them."""
+        if os.geteuid() == 0:
+            owner = self.directory.stat()
+            if owner.st_uid != 0:
+                os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+
+    def _prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.partial_dir.mkdir(exist_ok=True)
+        self._give_to_owner(self.partial_dir)
+
     # Switching ---------------------------------------------------------------------------
     def _point(self, name: str, target: Path) -> None:
         staging = self.directory / f".{name}.new"
         staging.unlink(missing_ok=True)
         staging.symlink_to(target.name)
+        self._give_to_owner(staging)
         os.replace(staging, self.directory / name)
 
     def activate(self, sha_prefix: str) -> Path:
@@ -243,39 +264,85 @@ class ModelStore:
                 ExitCode.NOT_OK)
         expected = _checked_sha256(sha256)
         if expected and (self.directory / f"{expected}.gguf").exists():
-            self.progress(f"{expected[:12]}… is already installed")
-            return self.activate(expected) if activate else self.directory / f"{expected}.gguf"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.partial_dir.mkdir(exist_ok=True)
+            return self._already_installed(expected, activate)
+        self._prepare()
         key = expected or hashlib.sha256(source.encode()).hexdigest()
         staging = self.partial_dir / f"{key}.part"
-        try:
-            if urllib.parse.urlsplit(source).scheme in ("http", "https"):
+        if urllib.parse.urlsplit(source).scheme in ("http", "https"):
+            def fetch() -> None:
                 self._download(source, staging, expected)
-            else:
+        else:
+            def fetch() -> None:
                 self._copy(Path(source), staging)
+        return self._add(fetch, staging, expected, activate=activate, catalog_id=catalog_id,
+                         label=label or source)
+
+    def receive(self, stream: Any, sha256: str, size: int, offset: int, *,
+                activate: bool = True, catalog_id: str | None = None) -> Path:
+        """Install a model streamed in (`fleet push-model` over SSH) from byte `offset`: what
+        an earlier, cut stream left in `.partial/` is kept and continued."""
+        expected = _checked_sha256(sha256)
+        if expected is None:
+            raise ApplianceError("a streamed model needs --sha256", ExitCode.USAGE)
+        if (self.directory / f"{expected}.gguf").exists():
+            return self._already_installed(expected, activate)
+        self._prepare()
+        staging = self.partial_dir / f"{expected}.part"
+        held = staging.stat().st_size if staging.exists() else 0
+        if offset != held:
+            raise ApplianceError(f"{human_bytes(held)} ({held} bytes) of this model are here "
+                                 f"already, not {offset}: send from byte {held}", ExitCode.USAGE)
+
+        self._check_space(size - held)  # before `_add`, which would discard what is held
+
+        def write() -> None:
+            with staging.open("ab") as writer:
+                self._give_to_owner(staging)
+                done = self._write(stream, writer, held, size, time.monotonic(),
+                                   f"{expected[:12]}….gguf")
+            if done < size:
+                raise TransferCut(f"the stream ended at {human_bytes(done)} of "
+                                      f"{human_bytes(size)}; send it again to resume")
+            if done > size:
+                raise ModelFileError(f"{done} bytes arrived, {size} were announced; the file "
+                                     "was discarded")
+
+        return self._add(write, staging, expected, activate=activate, catalog_id=catalog_id,
+                         label="pushed over SSH (fleet push-model)")
+
+    def _already_installed(self, sha256: str, activate: bool) -> Path:
+        self.progress(f"{sha256[:12]}… is already installed")
+        return self.activate(sha256) if activate else self.directory / f"{sha256}.gguf"
+
+    def _add(self, fetch: Callable[[], None], staging: Path, expected: str | None, *,
+             activate: bool, catalog_id: str | None, label: str) -> Path:
+        """Fetch into `staging`, check it, and rename it into the store."""
+        try:
+            fetch()
             actual = sha256_of_file(staging)
             if expected and actual != expected:
                 raise ModelFileError(
-                    f"checksum mismatch for {source}: expected {expected}, got {actual}; the "
+                    f"checksum mismatch for {label}: expected {expected}, got {actual}; the "
                     "file was discarded and the active model is unchanged")
             read_gguf_header(staging)
             check_complete(staging)
         except BaseException as error:
             # Keep a partial download only if it can be resumed: a dropped connection.
-            if not isinstance(error, ConnectionError):
+            if not isinstance(error, TransferCut):
                 staging.unlink(missing_ok=True)
             raise
         with staging.open("rb+") as handle:
             os.fsync(handle.fileno())
         final = self.directory / f"{actual}.gguf"
+        self._give_to_owner(staging)
         os.replace(staging, final)
         fsync_directory(self.directory)
-        record = {"sha256": actual, "source": label or source, "installed_at": now_iso(),
+        record = {"sha256": actual, "source": label, "installed_at": now_iso(),
                   "verified": "sha256" if expected else "trusted (no checksum given)"}
         if catalog_id:
             record["catalog_id"] = catalog_id
         write_atomically(self.directory / f"{actual}.json", json.dumps(record, indent=2).encode())
+        self._give_to_owner(self.directory / f"{actual}.json")
         self.progress(f"installed {final.name} ({human_bytes(final.stat().st_size)})")
         return self.activate(actual) if activate else final
 
@@ -353,7 +420,7 @@ class ModelStore:
                     urllib.error.URLError) as error:
                 reason = getattr(error, "reason", error)
                 if attempt == DOWNLOAD_ATTEMPTS:
-                    raise ConnectionError(
+                    raise TransferCut(
                         f"{url}: the transfer failed {attempt} times ({reason}); run the same "
                         "command again to resume") from None
                 kept = staging.stat().st_size if staging.exists() else 0
