@@ -228,7 +228,7 @@ def test_bench_measures_each_host_through_its_service_into_one_table(five_hosts)
     ok, off = json.loads(result.stdout)
     assert ok["healthy"] and ok["report"]["model"]["id"] == "SmolLM2-135M-Instruct.Q4_1"
     [measured] = ok["report"]["results"]
-    assert measured["depth"] == 0 and measured["tg_tokens_per_second"]["median"] > 1
+    assert measured["depth"] == 0 and measured["tg_tokens_per_second"]["median"] > 0
     assert not off["healthy"] and off["report"] is None
 
     table = run_fleet("bench", "-i", str(five_hosts), "-l", "pi-ok", "--depth", "0",
