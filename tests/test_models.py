@@ -172,6 +172,13 @@ def test_a_stream_cut_midway_is_kept_and_the_next_stream_resumes_from_it(store, 
     assert entry["catalog_id"] == "smollm2-135m-instruct-q4_1"
 
 
+def test_a_partial_longer_than_the_file_is_not_its_start_and_is_replaced(store, smollm2_bytes):
+    store.partial_dir.mkdir(parents=True)
+    (store.partial_dir / f"{SMOLLM2_SHA256}.part").write_bytes(smollm2_bytes + b"more")
+    model = store.receive(io.BytesIO(smollm2_bytes), SMOLLM2_SHA256, len(smollm2_bytes), 0)
+    assert store.active() == model and store.leftovers() == []
+
+
 def test_a_stream_that_arrives_changed_is_discarded_and_the_active_model_stays(
         store, smollm2_bytes, other_model):
     path, sha = other_model

@@ -208,6 +208,17 @@ def test_fleet_bench_and_push_model_become_root_with_the_inventorys_sudo_passwor
     assert (row["result"], row["active"], row["restarting"], row["sent_bytes"]) == (
         "already installed", True, False, 0)
     assert health(pi.instance)["instance_id"] == before
+    # A wrong password is found out before anything is sent.
+    wrong = pi.inventory.with_name("wrong-password.yml")
+    wrong.write_text(re.sub(r"ansible_become_password: >-\n.*\n",
+                            "ansible_become_password: not-pis-password\n",
+                            pi.inventory.read_text()))
+    refused = run_fleet("push-model", str(model_path), "-i", str(wrong), "--hosts", pi.name,
+                        "--timeout", "60", "--json")
+    [row] = json.loads(refused.stdout)
+    assert refused.returncode == 1
+    assert row["problems"] == [f"sudo on {pi.name} refused the become password "
+                               "(ansible_become_password or -K)"]
 
 
 @pytest.mark.virtual_pi

@@ -11,7 +11,7 @@ from typing import Any
 
 from appliance import layout
 from appliance.fleet.inventory import Host
-from appliance.fleet.remote import CLI, HostResult, Unreachable, connected
+from appliance.fleet.remote import CLI, CannotBecomeRoot, HostResult, Unreachable, connected
 from appliance.util import aligned
 
 DEFAULT_BENCH_TIMEOUT = 3600.0  # seconds for one host's whole benchmark
@@ -38,6 +38,9 @@ def bench_host(host: Host, spec_arguments: list[str], timeout: float,
                                  as_root=True)
     except Unreachable as error:
         benched.problems.append(f"unreachable: {error}")
+        return benched
+    except CannotBecomeRoot as error:
+        benched.problems.append(str(error))
         return benched
     try:
         benched.report = json.loads(output.stdout)

@@ -17,7 +17,14 @@ from pathlib import Path
 from appliance import layout
 from appliance.exitcodes import ApplianceError, ExitCode, ModelFileError
 from appliance.fleet.inventory import Host
-from appliance.fleet.remote import CLI, HostResult, Session, Unreachable, connected
+from appliance.fleet.remote import (
+    CLI,
+    CannotBecomeRoot,
+    HostResult,
+    Session,
+    Unreachable,
+    connected,
+)
 from appliance.models.catalog import get_variant, load_catalog
 from appliance.models.gguf import check_complete, read_gguf_header
 from appliance.models.store import packaged_file
@@ -133,7 +140,7 @@ def push(host: Host, model: LocalModel, *, activate: bool, timeout: float, repor
             _push(session, model, activate, report, pushed, max_rate)
     except Unreachable as error:
         pushed.problems.append(f"unreachable: {error}")
-    except _Failed as error:
+    except (CannotBecomeRoot, _Failed) as error:
         pushed.problems.append(str(error))
     return pushed
 
@@ -151,7 +158,7 @@ def _push(session: Session, model: LocalModel, activate: bool, report: Reporter,
         pushed.active = True
     else:
         if held > model.size:
-            held = 0  # not this file's start: the Pi refuses the offset and says so
+            held = 0  # not this file's start: the Pi discards it
         pushed.resumed_from = held
         report(pushed.host, f"resuming at {human_bytes(held)}" if held else
                f"sending {human_bytes(model.size)}")

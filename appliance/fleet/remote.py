@@ -57,6 +57,10 @@ class Unreachable(Exception):
     """The host could not be reached, refused our key, or showed an unknown host key."""
 
 
+class CannotBecomeRoot(Exception):
+    """sudo wants a password that was not given, or refused the one given."""
+
+
 class Session:
     """Shell commands on one host, over one connection."""
 
@@ -72,9 +76,7 @@ class Session:
 
         timeout = self.timeout if timeout is None else timeout
         if as_root:
-            refused = self._check_become()
-            if refused:
-                return refused
+            self._check_become()
             command, password = self._as_root(command)
         else:
             password = b""
@@ -84,16 +86,14 @@ class Session:
                 in_stream=io.StringIO(password.decode()) if password else False)
         except CommandTimedOut:
             return Output(124, "", f"timed out after {timeout:g} s")
-        return self._explained(Output(result.exited, result.stdout, result.stderr))
+        return Output(result.exited, result.stdout, result.stderr)
 
     def stream(self, command: str, source: BinaryIO, progress: Callable[[int], None],
                max_rate: float | None = None) -> Output:
         """Run `command` as root with `source` as its standard input, from where `source` is,
         at most `max_rate` bytes a second. A Pi that stops reading for `timeout` seconds ends
         the stream."""
-        refused = self._check_become()
-        if refused:
-            return refused
+        self._check_become()
         command, password = self._as_root(command)
         channel = self._connection.client.get_transport().open_session(timeout=self.timeout)
         channel.settimeout(self.timeout)
@@ -110,28 +110,36 @@ class Session:
             channel.shutdown_write()
             stdout = channel.makefile("rb").read().decode(errors="replace")
             stderr = channel.makefile_stderr("rb").read().decode(errors="replace")
-            return self._explained(Output(channel.recv_exit_status(), stdout, stderr))
+            return Output(channel.recv_exit_status(), stdout, stderr)
         except OSError as error:  # includes the timeout
             # What the Pi said (a full disk, a wrong offset) explains a stream it stopped reading.
             said = b""
             while channel.recv_stderr_ready():
                 said += channel.recv_stderr(65536)
             code = channel.recv_exit_status() if channel.exit_status_ready() else 255
-            return self._explained(Output(code, "", said.decode(errors="replace").strip()
-                                          or f"the connection broke: {error or 'timed out'}"))
+            return Output(code, "", said.decode(errors="replace").strip()
+                          or f"the connection broke: {error or 'timed out'}")
         finally:
             channel.close()
 
-    def _check_become(self) -> Output | None:
+    def _check_become(self) -> None:
+        """Raise CannotBecomeRoot unless root is reachable. Found out once per connection, the
+        password tried before anything depends on it (a stream must not feed sudo's retries)."""
         if self._become is None:
             probe = self.run("id -u; sudo -n true 2>/dev/null && echo nopasswd")
             words = probe.stdout.split()
             self._become = ("root" if words[:1] == ["0"] else
                             "nopasswd" if "nopasswd" in words else "password")
+            if self._become == "password" and self.host.become_password:
+                tried = self.run("true", as_root=True)
+                if tried.exit_code != 0:
+                    self._become = "refused"
+        if self._become == "refused":
+            raise CannotBecomeRoot(f"sudo on {self.host.name} refused the become password "
+                                   "(ansible_become_password or -K)")
         if self._become == "password" and not self.host.become_password:
-            return Output(1, "", f"sudo on {self.host.name} asks for a password: give it with "
-                                 "-K, or as ansible_become_password in the inventory")
-        return None
+            raise CannotBecomeRoot(f"sudo on {self.host.name} asks for a password: give it "
+                                   "with -K, or as ansible_become_password in the inventory")
 
     def _as_root(self, command: str) -> tuple[str, bytes]:
         inner = shlex.quote(command)
@@ -143,11 +151,6 @@ class Session:
         return (f"sudo -S -p '' -- sh -c {inner}",
                 (self.host.become_password or "").encode() + b"\n")
 
-    def _explained(self, output: Output) -> Output:
-        if "incorrect password" in output.stderr or "Sorry, try again" in output.stderr:
-            output.stderr = (f"sudo on {self.host.name} refused the become password "
-                             "(ansible_become_password or -K)")
-        return output
 
 
 @contextmanager

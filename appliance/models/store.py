@@ -289,6 +289,9 @@ class ModelStore:
         self._prepare()
         staging = self.partial_dir / f"{expected}.part"
         held = staging.stat().st_size if staging.exists() else 0
+        if held > size:  # longer than the file: not the start of it
+            staging.unlink()
+            held = 0
         if offset != held:
             raise ApplianceError(f"{human_bytes(held)} ({held} bytes) of this model are here "
                                  f"already, not {offset}: send from byte {held}", ExitCode.USAGE)
