@@ -86,7 +86,7 @@ def test_models_lists_the_loaded_model(client, shared_engine):
     ({**CHAT, "max_tokens": 0}, "max_tokens"),
     ({**CHAT, "n": 3}, "n"),
     ({**CHAT, "n_discard": -5}, "n_discard: unknown parameter"),
-    ({**CHAT, "seed": -1}, "seed"),
+    ({**CHAT, "seed": -2}, "seed"),
     ({**CHAT, "stop": [""]}, "stop"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
 ])

@@ -27,6 +27,7 @@ from appliance.service.engine import (
     Sampling,
 )
 from appliance.service.errors import ApiError
+from appliance.service.grammars import SchemaNotSupported, response_grammar
 from appliance.service.metrics import Metrics
 from appliance.service.prompts import ControlTokenText, PromptTooLong
 from appliance.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
@@ -76,7 +77,24 @@ def _parse(model: type[SamplingParams]) -> Any:
         raise ApiError(400, "; ".join(problems), "invalid_parameters") from None
 
 
-def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, ...]) -> Sampling:
+def _grammar(params: SamplingParams, engine: Engine) -> str | None:
+    response_format = params.response_format
+    if response_format is None:
+        return None
+    schema = response_format.json_schema.schema_ if response_format.json_schema else None
+    try:
+        grammar = response_grammar(response_format.type, schema)
+    except SchemaNotSupported as exc:
+        raise ApiError(400, f"response_format.json_schema.schema cannot be enforced: {exc}",
+                       "unsupported_schema") from None
+    if grammar is not None and not engine.grammar_parses(grammar):
+        raise ApiError(400, "response_format.json_schema.schema gives a grammar llama.cpp "
+                            "does not parse; simplify the schema", "unsupported_schema")
+    return grammar
+
+
+def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, ...],
+              engine: Engine) -> Sampling:
     limits = _settings().limits
     if requested is not None and requested > limits.max_tokens:
         raise ApiError(400, f"max_tokens = {requested} exceeds this server's cap of "
@@ -89,8 +107,8 @@ def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, .
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         min_p=params.min_p, repeat_penalty=params.repeat_penalty,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        seed=params.seed, stop=tuple(params.stop_sequences) + stops,
-        ignore_eos=params.ignore_eos,
+        seed=params.sampling_seed, stop=tuple(params.stop_sequences) + stops,
+        ignore_eos=params.ignore_eos, grammar=_grammar(params, engine),
     )
 
 
@@ -265,7 +283,7 @@ def chat_completions() -> Response:
     with _prompt_errors():
         prompt, template_stops = engine.chat_prompt(
             [m.as_template_input() for m in params.messages])
-    sampling = _sampling(params, params.requested_max_tokens, template_stops)
+    sampling = _sampling(params, params.requested_max_tokens, template_stops, engine)
     completion = _Completion("chat", prompt, _prompt_checked(engine, prompt, sampling),
                              params.wants_usage_in_stream)
     return _respond(completion, params.stream)
@@ -276,19 +294,30 @@ def completions() -> Response:
     params: CompletionRequest = _parse(CompletionRequest)
     engine = _ready_engine()
     with _prompt_errors():
-        prompt = engine.text_prompt(params.prompt)
-    sampling = _sampling(params, params.requested_max_tokens, ())
+        prompt = engine.text_prompt(params.prompt_text)
+    sampling = _sampling(params, params.requested_max_tokens, (), engine)
     completion = _Completion("text", prompt, _prompt_checked(engine, prompt, sampling),
                              params.wants_usage_in_stream)
     return _respond(completion, params.stream)
 
 
-@bp.get("/models")
-def models() -> Response:
+def _model_entry() -> dict[str, Any]:
     facts = _ready_engine().facts
     assert facts is not None
-    return jsonify({"object": "list", "data": [{
-        "id": facts.id, "object": "model", "created": 0, "owned_by": "pi-llm-appliance",
-        "meta": {"sha256": facts.sha256, "quantization": facts.quantization,
-                 "context": facts.context, "parameters": facts.parameters},
-    }]})
+    return {"id": facts.id, "object": "model", "created": 0, "owned_by": "pi-llm-appliance",
+            "meta": {"sha256": facts.sha256, "quantization": facts.quantization,
+                     "context": facts.context, "parameters": facts.parameters}}
+
+
+@bp.get("/models")
+def models() -> Response:
+    return jsonify({"object": "list", "data": [_model_entry()]})
+
+
+@bp.get("/models/<path:model_id>")
+def model(model_id: str) -> Response:
+    entry = _model_entry()
+    if model_id != entry["id"]:
+        raise ApiError(404, f"no model {model_id!r} here; this appliance serves "
+                            f"{entry['id']!r} (GET /v1/models)", "model_not_found")
+    return jsonify(entry)

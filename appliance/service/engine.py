@@ -138,6 +138,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    grammar: str | None = None  # GBNF the text must match (response_format)
 
 
 @dataclass
@@ -444,6 +445,17 @@ class Engine:
         assert self._prompts is not None
         return self._prompts.text(prompt)
 
+    def grammar_parses(self, grammar: str) -> bool:
+        """Whether llama.cpp takes `grammar` (a sampler made of an unparsable one is NULL)."""
+        from llama_cpp import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self._llama._model.vocab, grammar.encode(), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
     def token_budget(self, prompt_tokens: int, requested: int) -> int:
         """Tokens this request may generate; PromptTooLong when the prompt leaves no room."""
         context = self._llama.n_ctx()
@@ -494,10 +506,10 @@ class Engine:
                 cancelled: Callable[[], bool]) -> Iterator[str]:
         llama = self._llama
         vocab = llama._model.vocab
-        from llama_cpp import llama_cpp
+        from llama_cpp import LlamaGrammar, llama_cpp
 
-        if sampling.seed is not None:
-            llama.set_seed(sampling.seed)
+        # Unseeded means random: the seed of an earlier request must not carry over.
+        llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""
         started = self._clock()
@@ -512,6 +524,7 @@ class Engine:
             temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty,
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
+            grammar=LlamaGrammar.from_string(sampling.grammar) if sampling.grammar else None,
         )
         try:
             for token in tokens:

@@ -2,16 +2,23 @@
 
 Only what is declared here reaches llama.cpp; an unknown field is a 400 rather than being
 passed through (llama.cpp's server once took a negative `n_discard` to an out-of-bounds write).
+A declared field sent as null means the field left out: the OpenAI SDKs and LangChain send
+`logprobs: null`, `temperature: null`, `tools: null` by default. Fields for features that are
+off (`logprobs: false`, `tools: []`, `tool_choice: "none"`, `store: false`) are accepted as such.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_LENGTH = 128
 MAX_MESSAGES = 512
+MAX_SCHEMA_BYTES = 64 * 1024  # a response_format schema, as JSON
+# llama.cpp's "pick a seed": what llama-server and llama-cpp-python take for random.
+RANDOM_SEED = -1
 
 
 def _encodable(text: str) -> str:
@@ -32,6 +39,52 @@ Text = Annotated[str, AfterValidator(_encodable)]
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items()
+                    if not (value is None and key in cls.model_fields)}
+        return data
+
+
+def _off(value: Any) -> Any:
+    if value:
+        raise ValueError("not served by this appliance: leave it out, null or empty")
+    return value
+
+
+# Accepted only as "off": the features they switch on are not served.
+Off = Annotated[bool, AfterValidator(_off)]
+NoList = Annotated[list[Any], AfterValidator(_off)]
+
+
+class JsonSchemaFormat(_Request):
+    name: Text = Field(default="response", max_length=64)
+    description: Text | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the schema is over {MAX_SCHEMA_BYTES} bytes as JSON")
+        return schema
+
+
+class ResponseFormat(_Request):
+    """`text`; `json_object` (any JSON object); `json_schema` (JSON valid for the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
+
 
 class StreamOptions(_Request):
     include_usage: bool = False
@@ -49,7 +102,7 @@ class SamplingParams(_Request):
     repeat_penalty: float = Field(default=1.0, ge=0.5, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 2)
+    seed: int | None = Field(default=None, ge=RANDOM_SEED, le=2**32 - 2)
     stop: (Annotated[Text, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
            | list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] | None) = None
     # llama-server's extension: generate exactly max_tokens (benchmarks need it).
@@ -58,6 +111,14 @@ class SamplingParams(_Request):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     user: Text | None = Field(default=None, max_length=256)
+    response_format: ResponseFormat | None = None
+    logprobs: Off | None = None
+    logit_bias: Annotated[dict[str, Any], AfterValidator(_off)] | None = None
+    store: Off | None = None
+
+    @property
+    def sampling_seed(self) -> int | None:
+        return None if self.seed == RANDOM_SEED else self.seed
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -77,8 +138,14 @@ class TextPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | list[TextPart] = ""
     name: Text | None = Field(default=None, max_length=64)
+    # What the SDKs put in an assistant message they hand back (`message.model_dump()`).
+    refusal: Text | None = None
+    tool_calls: NoList | None = None
+    function_call: None = None
+    audio: None = None
+    annotations: list[dict[str, Any]] | None = Field(default=None, max_length=64)
 
     def as_template_input(self) -> dict[str, str]:
         text = (self.content if isinstance(self.content, str)
@@ -91,6 +158,9 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: NoList | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -98,8 +168,15 @@ class ChatCompletionRequest(SamplingParams):
 
 
 class CompletionRequest(SamplingParams):
-    prompt: Text = Field(min_length=1)
+    # LangChain's completions LLM sends a list; one prompt per request here (n is 1).
+    prompt: (Annotated[Text, Field(min_length=1)]
+             | Annotated[list[Annotated[Text, Field(min_length=1)]],
+                         Field(min_length=1, max_length=1)])
     echo: Literal[False] = False
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -1,0 +1,129 @@
+"""The API as the OpenAI SDKs, LangChain and litellm send to it: the fields they send by
+default (often as null), the history they hand back, structured output and the model lookup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import error_of
+
+CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
+        "temperature": 0, "seed": 1}
+# What a ChatCompletion's `message.model_dump()` is, sent back as history by the SDK's users.
+SDK_ASSISTANT_MESSAGE = {"role": "assistant", "content": "Blue.", "refusal": None,
+                         "tool_calls": None, "function_call": None, "audio": None,
+                         "annotations": []}
+COLOUR_SCHEMA = {"type": "object", "additionalProperties": False,
+                 "required": ["colour", "count"],
+                 "properties": {"colour": {"type": "string", "maxLength": 16},
+                                "count": {"type": "integer", "minimum": 0, "maximum": 99}}}
+
+
+@pytest.mark.parametrize("defaults", [
+    {"temperature": None, "top_p": None, "stream": None, "stop": None, "logprobs": None,
+     "max_tokens": None, "n": None, "stream_options": None, "seed": None, "user": None},
+    {"logprobs": False, "tools": [], "tool_choice": "none", "parallel_tool_calls": False,
+     "n": 1, "store": False, "response_format": {"type": "text"}, "logit_bias": {},
+     "tools_extra": None},
+], ids=["null", "off"])
+def test_fields_sent_as_null_or_off_are_taken_as_left_out(client, defaults):
+    defaults = {key: value for key, value in defaults.items() if key != "tools_extra"}
+    response = client.post("/v1/chat/completions",
+                           json={"messages": CHAT["messages"], "max_tokens": 4, **defaults})
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["choices"][0]["message"]["content"]
+
+
+def test_history_as_the_sdk_hands_it_back_is_accepted(client):
+    messages = [*CHAT["messages"], SDK_ASSISTANT_MESSAGE,
+                {"role": "user", "content": "Another one."}]
+    response = client.post("/v1/chat/completions", json={**CHAT, "messages": messages})
+    assert response.status_code == 200, response.get_json()
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({**CHAT, "logprobs": True}, "logprobs"),
+    ({**CHAT, "store": True}, "store"),
+    ({**CHAT, "response_format": {"type": "json_schema"}}, "json_schema is given"),
+    ({**CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
+])
+def test_features_switched_on_that_are_not_served_are_400_and_say_which(client, body,
+                                                                         fragment):
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert fragment in error_of(response)["message"]
+
+
+def test_seed_minus_one_is_random_and_a_seed_does_not_carry_over(client):
+    request = {**CHAT, "temperature": 1.5, "max_tokens": 24, "ignore_eos": True}
+    seeded = client.post("/v1/chat/completions", json={**request, "seed": 7}).get_json()
+    answers = {client.post("/v1/chat/completions", json={**request, "seed": -1})
+               .get_json()["choices"][0]["message"]["content"] for _ in range(3)}
+    assert len(answers) > 1  # 24 tokens at temperature 1.5: the same three times is not random
+    assert seeded["choices"][0]["message"]["content"] not in answers or len(answers) == 3
+
+
+def test_a_list_of_one_prompt_is_a_prompt(client):
+    one = client.post("/v1/completions", json={"prompt": ["The sky is"], "max_tokens": 4,
+                                               "temperature": 0, "logprobs": None})
+    assert one.status_code == 200, one.get_json()
+    text = client.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 4,
+                                                "temperature": 0}).get_json()
+    assert one.get_json()["choices"][0]["text"] == text["choices"][0]["text"]
+    two = client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 4})
+    assert two.status_code == 400 and "prompt" in error_of(two)["message"]
+
+
+def test_a_model_is_retrieved_by_its_id(client, shared_engine):
+    listed = client.get("/v1/models").get_json()["data"][0]
+    response = client.get(f"/v1/models/{shared_engine.facts.id}")
+    assert response.status_code == 200 and response.get_json() == listed
+    missing = client.get("/v1/models/gpt-4o")
+    assert missing.status_code == 404
+    assert error_of(missing)["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_json_schema_output_always_parses_and_matches_the_schema(client, seed):
+    response = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Give a colour and a count as JSON."}],
+        "max_tokens": 96, "temperature": 1.0, "seed": seed,
+        "response_format": {"type": "json_schema", "json_schema": {
+            "name": "colour", "strict": True, "schema": COLOUR_SCHEMA}}})
+    body = response.get_json()
+    assert response.status_code == 200, body
+    answer = json.loads(body["choices"][0]["message"]["content"])
+    assert set(answer) == {"colour", "count"}
+    assert isinstance(answer["colour"], str) and len(answer["colour"]) <= 16
+    assert isinstance(answer["count"], int) and 0 <= answer["count"] <= 99
+
+
+def test_json_object_mode_streams_a_json_object(client):
+    response = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": 'Repeat this JSON: {"sky": "blue"}'}],
+        "max_tokens": 128, "temperature": 0, "stream": True,
+        "response_format": {"type": "json_object"}})
+    assert response.status_code == 200
+    events = [json.loads(line.removeprefix(b"data: ")) for line in
+              response.get_data().split(b"\n\n") if line and line != b"data: [DONE]"]
+    text = "".join(event["choices"][0]["delta"].get("content", "") for event in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "stop", text
+    assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("schema, fragment", [
+    ({"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}},
+     "Unsupported ref https://example.com/a.json"),
+    ({"type": "string", "pattern": "a+"}, 'Pattern must start with "^"'),
+    ({"type": "mystery"}, "Unrecognized schema"),
+])
+def test_a_schema_that_cannot_be_enforced_is_400_and_says_which_part(client, schema,
+                                                                      fragment):
+    response = client.post("/v1/chat/completions", json={**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "unsupported_schema" and fragment in error["message"]
