@@ -45,7 +45,9 @@ def test_history_as_the_sdk_hands_it_back_is_accepted(client):
 
 @pytest.mark.parametrize("body, fragment", [
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({**CHAT, "logprobs": True}, "logprobs"),
+    ({**CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    ({**CHAT, "logit_bias": {"5": 500}}, "logit_bias.5"),
+    ({**CHAT, "logit_bias": {"ab": 1}}, "logit_bias.ab"),
     ({**CHAT, "store": True}, "store"),
     ({**CHAT, "response_format": {"type": "json_schema"}}, "json_schema is given"),
     ({**CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
@@ -107,8 +109,7 @@ def test_json_object_mode_streams_a_json_object(client):
         "max_tokens": 128, "temperature": 0, "stream": True,
         "response_format": {"type": "json_object"}})
     assert response.status_code == 200
-    events = [json.loads(line.removeprefix(b"data: ")) for line in
-              response.get_data().split(b"\n\n") if line and line != b"data: [DONE]"]
+    events = sse_chunks(response.get_data())
     text = "".join(event["choices"][0]["delta"].get("content", "") for event in events)
     assert events[-1]["choices"][0]["finish_reason"] == "stop", text
     assert isinstance(json.loads(text), dict)
@@ -116,7 +117,7 @@ def test_json_object_mode_streams_a_json_object(client):
 
 @pytest.mark.parametrize("schema, fragment", [
     ({"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}},
-     "Unsupported ref https://example.com/a.json"),
+     "Fetching remote schemas is not allowed: put what it refers to in $defs"),
     ({"type": "string", "pattern": "a+"}, 'Pattern must start with "^"'),
     ({"type": "mystery"}, "Unrecognized schema"),
 ])
@@ -127,3 +128,69 @@ def test_a_schema_that_cannot_be_enforced_is_400_and_says_which_part(client, sch
     assert response.status_code == 400
     error = error_of(response)
     assert error["code"] == "unsupported_schema" and fragment in error["message"]
+
+
+GREEDY = {**CHAT, "max_tokens": 6, "ignore_eos": True}
+
+
+def test_logprobs_are_the_models_own_and_the_greedy_choice_is_the_likeliest(client):
+    body = client.post("/v1/chat/completions",
+                       json={**GREEDY, "logprobs": True, "top_logprobs": 3}).get_json()
+    choice = body["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] == 6
+    assert "".join(entry["token"] for entry in content) == choice["message"]["content"]
+    for entry in content:
+        assert entry["logprob"] <= 0 and bytes(entry["bytes"]).decode() == entry["token"]
+        top = [alternative["logprob"] for alternative in entry["top_logprobs"]]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        assert entry["token"] == entry["top_logprobs"][0]["token"]  # greedy takes the first
+        assert entry["logprob"] == pytest.approx(top[0])
+    plain = client.post("/v1/chat/completions", json=GREEDY).get_json()["choices"][0]
+    assert plain["logprobs"] is None and plain["message"] == choice["message"]
+
+    stream = client.post("/v1/chat/completions", json={**GREEDY, "logprobs": True,
+                                                       "top_logprobs": 3, "stream": True})
+    streamed = [entry for event in sse_chunks(stream.get_data())
+                for entry in (event["choices"][0]["logprobs"] or {}).get("content", [])]
+    assert streamed == content
+
+
+def test_completions_give_logprobs_in_the_legacy_form(client):
+    body = client.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 5,
+                                                "temperature": 0, "ignore_eos": True,
+                                                "logprobs": 2}).get_json()
+    choice = body["choices"][0]
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert len(logprobs["token_logprobs"]) == 5 and all(lp <= 0 for lp in
+                                                        logprobs["token_logprobs"])
+    assert all(len(alternatives) == 2 for alternatives in logprobs["top_logprobs"])
+    offsets = logprobs["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+
+
+def test_logit_bias_bans_and_forces_tokens(client):
+    first = client.post("/v1/chat/completions", json={**GREEDY, "logprobs": True}).get_json()
+    greedy_first = first["choices"][0]["logprobs"]["content"][0]
+    token = _token_id(client, greedy_first["token"])
+    banned = client.post("/v1/chat/completions", json={
+        **GREEDY, "logprobs": True, "logit_bias": {str(token): -100}}).get_json()
+    assert banned["choices"][0]["logprobs"]["content"][0]["token"] != greedy_first["token"]
+    forced = client.post("/v1/chat/completions", json={
+        **GREEDY, "logit_bias": {str(token): 100}}).get_json()
+    assert forced["choices"][0]["message"]["content"] == greedy_first["token"] * 6
+    unknown = client.post("/v1/chat/completions", json={**GREEDY, "logit_bias": {"999999": 1}})
+    assert unknown.status_code == 400
+    assert "token 999999 is not in the model's vocabulary" in error_of(unknown)["message"]
+
+
+def _token_id(client, text: str) -> int:
+    engine = client.application.extensions["appliance.engine"]
+    [token] = engine._llama.tokenize(text.encode(), add_bos=False, special=False)
+    return token
+
+
+def sse_chunks(data: bytes) -> list[dict]:
+    return [json.loads(line.removeprefix(b"data: ")) for line in data.split(b"\n\n")
+            if line and line != b"data: [DONE]"]

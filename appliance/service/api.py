@@ -25,6 +25,7 @@ from appliance.service.engine import (
     QueueFull,
     QueueTimeout,
     Sampling,
+    TokenLogprob,
 )
 from appliance.service.errors import ApiError
 from appliance.service.grammars import SchemaNotSupported, response_grammar
@@ -93,8 +94,17 @@ def _grammar(params: SamplingParams, engine: Engine) -> str | None:
     return grammar
 
 
+def _logit_bias(params: SamplingParams, engine: Engine) -> tuple[tuple[int, float], ...]:
+    bias = tuple((int(token), value) for token, value in (params.logit_bias or {}).items())
+    unknown = [token for token, _ in bias if token >= engine.vocabulary_size]
+    if unknown:
+        raise ApiError(400, f"logit_bias: token {unknown[0]} is not in the model's vocabulary "
+                            f"(0 to {engine.vocabulary_size - 1})", "invalid_parameters")
+    return bias
+
+
 def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, ...],
-              engine: Engine) -> Sampling:
+              engine: Engine, top_logprobs: int | None) -> Sampling:
     limits = _settings().limits
     if requested is not None and requested > limits.max_tokens:
         raise ApiError(400, f"max_tokens = {requested} exceeds this server's cap of "
@@ -109,6 +119,7 @@ def _sampling(params: SamplingParams, requested: int | None, stops: tuple[str, .
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         seed=params.sampling_seed, stop=tuple(params.stop_sequences) + stops,
         ignore_eos=params.ignore_eos, grammar=_grammar(params, engine),
+        logit_bias=_logit_bias(params, engine), top_logprobs=top_logprobs,
     )
 
 
@@ -173,6 +184,10 @@ def _usage(stats: GenerationStats) -> dict[str, int]:
             "total_tokens": stats.total_tokens}
 
 
+def _token_entry(text: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": text.decode(errors="replace"), "logprob": logprob, "bytes": list(text)}
+
+
 def _sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -194,18 +209,47 @@ class _Completion:
         self.client_gone = _client_gone()
         self.model = self.engine.facts.id  # type: ignore[union-attr]
         self.stats = GenerationStats(prompt_tokens=len(prompt))
+        self._reported = 0  # logprob records already sent
+        self._text_offset = 0
 
     @property
     def object_name(self) -> str:
         return "chat.completion" if self.kind == "chat" else "text_completion"
 
-    def _choice(self, text: str | None, finish: str | None, *, streaming: bool) -> dict:
+    def _choice(self, text: str | None, finish: str | None, *, streaming: bool,
+                logprobs: list[TokenLogprob] | None = None) -> dict:
         if self.kind == "chat":
             body = ({"delta": {} if text is None else {"content": text}} if streaming
                     else {"message": {"role": "assistant", "content": text}})
         else:
-            body = {"text": text or "", "logprobs": None}
-        return {"index": 0, **body, "finish_reason": finish}
+            body = {"text": text or ""}
+        return {"index": 0, **body, "logprobs": self._logprobs(logprobs),
+                "finish_reason": finish}
+
+    def _logprobs(self, records: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """The chat form (`content`: one entry per token) or the legacy completions form."""
+        if self.sampling.top_logprobs is None or records is None:
+            return None
+        if self.kind == "chat":
+            return {"content": [{**_token_entry(record.text, record.logprob), "top_logprobs": [
+                _token_entry(text, logprob) for text, logprob in record.top]}
+                for record in records], "refusal": None}
+        offsets, at = [], self._text_offset
+        for record in records:
+            offsets.append(at)
+            at += len(record.text.decode(errors="replace"))
+        self._text_offset = at
+        return {"tokens": [record.text.decode(errors="replace") for record in records],
+                "token_logprobs": [record.logprob for record in records],
+                "top_logprobs": [{text.decode(errors="replace"): logprob
+                                  for text, logprob in record.top} for record in records],
+                "text_offset": offsets}
+
+    def _new_logprobs(self) -> list[TokenLogprob]:
+        """The records of the tokens decoded since the last call (a stream's next chunk)."""
+        records = self.stats.logprobs[self._reported:]
+        self._reported += len(records)
+        return records
 
     def _envelope(self, choices: list[dict], suffix: str = "") -> dict[str, Any]:
         return {"id": self.id, "object": self.object_name + suffix, "created": self.created,
@@ -218,8 +262,8 @@ class _Completion:
     def whole(self, lease: Lease) -> dict[str, Any]:
         text = "".join(self.run(lease))
         finish = WIRE_FINISH_REASONS[self.stats.finish_reason]
-        return {**self._envelope([self._choice(text, finish, streaming=False)]),
-                "usage": _usage(self.stats)}
+        choice = self._choice(text, finish, streaming=False, logprobs=self._new_logprobs())
+        return {**self._envelope([choice]), "usage": _usage(self.stats)}
 
     def events(self, lease: Lease) -> Iterator[str]:
         suffix = ".chunk" if self.kind == "chat" else ""
@@ -228,9 +272,11 @@ class _Completion:
             opening["delta"] = {"role": "assistant", "content": ""}
             yield _sse(self._envelope([opening], suffix))
         for piece in self.run(lease):
-            yield _sse(self._envelope([self._choice(piece, None, streaming=True)], suffix))
+            yield _sse(self._envelope([self._choice(piece, None, streaming=True,
+                                                    logprobs=self._new_logprobs())], suffix))
         finish = WIRE_FINISH_REASONS[self.stats.finish_reason]
-        yield _sse(self._envelope([self._choice(None, finish, streaming=True)], suffix))
+        yield _sse(self._envelope([self._choice(None, finish, streaming=True,
+                                                logprobs=self._new_logprobs())], suffix))
         if self.usage_in_stream:
             yield _sse({**self._envelope([], suffix), "usage": _usage(self.stats)})
         yield _sse("[DONE]")
@@ -283,7 +329,8 @@ def chat_completions() -> Response:
     with _prompt_errors():
         prompt, template_stops = engine.chat_prompt(
             [m.as_template_input() for m in params.messages])
-    sampling = _sampling(params, params.requested_max_tokens, template_stops, engine)
+    sampling = _sampling(params, params.requested_max_tokens, template_stops, engine,
+                         params.top_logprobs_wanted)
     completion = _Completion("chat", prompt, _prompt_checked(engine, prompt, sampling),
                              params.wants_usage_in_stream)
     return _respond(completion, params.stream)
@@ -295,7 +342,8 @@ def completions() -> Response:
     engine = _ready_engine()
     with _prompt_errors():
         prompt = engine.text_prompt(params.prompt_text)
-    sampling = _sampling(params, params.requested_max_tokens, (), engine)
+    sampling = _sampling(params, params.requested_max_tokens, (), engine,
+                         params.top_logprobs_wanted)
     completion = _Completion("text", prompt, _prompt_checked(engine, prompt, sampling),
                              params.wants_usage_in_stream)
     return _respond(completion, params.stream)

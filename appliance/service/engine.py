@@ -139,6 +139,48 @@ class Sampling:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF the text must match (response_format)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # added to a token's logit before sampling
+    top_logprobs: int | None = None  # None: no logprobs; else this many alternatives each
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log-probability, and the likeliest tokens at its place."""
+
+    text: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...]
+
+
+class _Observer:
+    """Between llama.cpp's logits and its sampler: adds the request's logit bias and keeps the
+    distribution the next token is drawn from, for its log-probability."""
+
+    def __init__(self, sampling: Sampling):
+        self._bias = sampling.logit_bias
+        self._keep = sampling.top_logprobs is not None
+        self._top = sampling.top_logprobs or 0
+        self._logits: Any = None
+
+    def __call__(self, _input_ids: Any, logits: Any) -> Any:
+        for token, bias in self._bias:
+            logits[token] += bias
+        if self._keep:
+            self._logits = logits.copy()
+        return logits
+
+    def logprob(self, token: int, detokenize: Callable[[list[int]], bytes]) -> TokenLogprob:
+        import numpy as np
+
+        logits = self._logits
+        peak = logits.max()
+        normaliser = peak + np.log(np.exp(logits - peak).sum())
+        top = np.argpartition(-logits, self._top)[:self._top] if self._top else []
+        ranked = sorted(top, key=lambda candidate: -logits[candidate])
+        return TokenLogprob(detokenize([token]), float(logits[token] - normaliser),
+                            tuple((detokenize([int(candidate)]),
+                                   float(logits[candidate] - normaliser))
+                                  for candidate in ranked))
 
 
 @dataclass
@@ -151,6 +193,8 @@ class GenerationStats:
     # From the end of prompt evaluation to the last token: the time all completion tokens took,
     # so that tokens / seconds summed over requests is the throughput (the metrics' counters).
     generation_seconds: float = 0.0
+    # With Sampling.top_logprobs: one entry per completion token, in order (TokenLogprob).
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -456,6 +500,10 @@ class Engine:
         llama_cpp.llama_sampler_free(sampler)
         return True
 
+    @property
+    def vocabulary_size(self) -> int:
+        return self._llama.n_vocab()
+
     def token_budget(self, prompt_tokens: int, requested: int) -> int:
         """Tokens this request may generate; PromptTooLong when the prompt leaves no room."""
         context = self._llama.n_ctx()
@@ -506,7 +554,7 @@ class Engine:
                 cancelled: Callable[[], bool]) -> Iterator[str]:
         llama = self._llama
         vocab = llama._model.vocab
-        from llama_cpp import LlamaGrammar, llama_cpp
+        from llama_cpp import LlamaGrammar, LogitsProcessorList, llama_cpp
 
         # Unseeded means random: the seed of an earlier request must not carry over.
         llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed)
@@ -518,6 +566,8 @@ class Engine:
             stats.finish_reason = "cancelled"
             return
         evaluated_at = self._clock()
+        observer = (_Observer(sampling)
+                    if sampling.logit_bias or sampling.top_logprobs is not None else None)
         # The whole prompt is in the KV cache now: generate() finds it there and samples at once.
         tokens = llama.generate(
             prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
@@ -525,6 +575,7 @@ class Engine:
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
             grammar=LlamaGrammar.from_string(sampling.grammar) if sampling.grammar else None,
+            logits_processor=LogitsProcessorList([observer]) if observer else None,
         )
         try:
             for token in tokens:
@@ -541,6 +592,8 @@ class Engine:
                     stats.finish_reason = "stop"
                     break
                 stats.completion_tokens += 1
+                if sampling.top_logprobs is not None:
+                    stats.logprobs.append(observer.logprob(token, llama.detokenize))
                 stats.decode_seconds = now - first_token_at
                 pending += decoder.decode(llama.detokenize([token]))
                 hit = min((pending.find(stop) for stop in sampling.stop if stop in pending),

@@ -24,5 +24,8 @@ def response_grammar(kind: str, schema: dict[str, Any] | None = None) -> str | N
         # The converter reports what it cannot express with assert, or fails on a bad shape.
         except (AssertionError, ValueError, KeyError, TypeError, AttributeError,
                 NotImplementedError, RecursionError) as error:
-            raise SchemaNotSupported(str(error) or type(error).__name__) from None
+            message = str(error) or type(error).__name__
+            # The converter's own advice is for its command line; here nothing is fetched.
+            raise SchemaNotSupported(message.replace(
+                " (use --allow-fetch for force)", ": put what it refers to in $defs")) from None
     return None

@@ -17,6 +17,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 MAX_STOP_LENGTH = 128
 MAX_MESSAGES = 512
 MAX_SCHEMA_BYTES = 64 * 1024  # a response_format schema, as JSON
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit for chat)
 # llama.cpp's "pick a seed": what llama-server and llama-cpp-python take for random.
 RANDOM_SEED = -1
 
@@ -112,8 +114,10 @@ class SamplingParams(_Request):
     n: Literal[1] = 1
     user: Text | None = Field(default=None, max_length=256)
     response_format: ResponseFormat | None = None
-    logprobs: Off | None = None
-    logit_bias: Annotated[dict[str, Any], AfterValidator(_off)] | None = None
+    # Token id (as a string, as JSON keys are) to a bias added to its logit: -100 bans it.
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS)
     store: Off | None = None
 
     @property
@@ -161,6 +165,19 @@ class ChatCompletionRequest(SamplingParams):
     tools: NoList | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """None without logprobs; else how many alternatives each token gets."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -173,6 +190,12 @@ class CompletionRequest(SamplingParams):
              | Annotated[list[Annotated[Text, Field(min_length=1)]],
                          Field(min_length=1, max_length=1)])
     echo: Literal[False] = False
+    # The legacy form: how many alternatives each token gets (OpenAI allows up to 5).
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompt_text(self) -> str:
