@@ -194,3 +194,38 @@ def _token_id(client, text: str) -> int:
 def sse_chunks(data: bytes) -> list[dict]:
     return [json.loads(line.removeprefix(b"data: ")) for line in data.split(b"\n\n")
             if line and line != b"data: [DONE]"]
+
+
+@pytest.mark.slow
+def test_the_openai_client_parses_structured_output_retrieves_the_model_and_sends_history_back(
+        start_server):
+    """The official client against a real server: `chat.completions.parse` into a pydantic
+    model, `models.retrieve`, logprobs, and its own answer object sent back as history."""
+    import openai
+    import pydantic
+
+    class Colour(pydantic.BaseModel):
+        colour: str = pydantic.Field(max_length=16)
+        count: int = pydantic.Field(ge=0, le=99)
+
+    server = start_server()
+    server.wait_ready()
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        model = client.models.retrieve(client.models.list().data[0].id)
+        assert model.id and model.object == "model"
+        parsed = client.chat.completions.parse(
+            model=model.id, max_tokens=96, temperature=0,
+            messages=[{"role": "user", "content": "Give a colour and a count."}],
+            response_format=Colour)
+        answer = parsed.choices[0].message.parsed
+        assert isinstance(answer, Colour) and 0 <= answer.count <= 99
+        reply = client.chat.completions.create(
+            model=model.id, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+            messages=[{"role": "user", "content": "Name a colour."}])
+        assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
+        follow_up = client.chat.completions.create(
+            model=model.id, max_tokens=4, messages=[
+                {"role": "user", "content": "Name a colour."},
+                reply.choices[0].message.model_dump(),
+                {"role": "user", "content": "Another one."}])
+        assert follow_up.choices[0].message.content

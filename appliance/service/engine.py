@@ -35,6 +35,7 @@ from appliance.models.checksums import verify_sha256
 from appliance.models.gguf import quantization_name, read_gguf_header
 from appliance.models.store import catalog_id_of
 from appliance.service import tuning
+from appliance.service.grammars import GRAMMARS_KEPT
 from appliance.service.loading import (
     LOAD_FLOOR_SECONDS,
     TrialLoad,
@@ -242,6 +243,8 @@ class Engine:
         self._clock = clock
         self._llama: Any = None
         self._prompts: PromptBuilder | None = None
+        self._grammars_checked: dict[str, bool] = {}  # insertion order: the oldest goes first
+        self._grammars_lock = threading.Lock()
         self._condition = threading.Condition()
         self._busy = False
         # Predicted seconds of the running request and of each one waiting: what Retry-After
@@ -490,15 +493,20 @@ class Engine:
         return self._prompts.text(prompt)
 
     def grammar_parses(self, grammar: str) -> bool:
-        """Whether llama.cpp takes `grammar` (a sampler made of an unparsable one is NULL)."""
+        """Whether llama.cpp takes `grammar` (a sampler made of an unparsable one is NULL);
+        the answer is kept for the last few grammars."""
         from llama_cpp import llama_cpp
 
-        sampler = llama_cpp.llama_sampler_init_grammar(
-            self._llama._model.vocab, grammar.encode(), b"root")
-        if not sampler:
-            return False
-        llama_cpp.llama_sampler_free(sampler)
-        return True
+        with self._grammars_lock:  # requests check theirs on their own threads
+            if grammar not in self._grammars_checked:
+                sampler = llama_cpp.llama_sampler_init_grammar(
+                    self._llama._model.vocab, grammar.encode(), b"root")
+                if sampler:
+                    llama_cpp.llama_sampler_free(sampler)
+                if len(self._grammars_checked) >= GRAMMARS_KEPT:
+                    self._grammars_checked.pop(next(iter(self._grammars_checked)))
+                self._grammars_checked[grammar] = bool(sampler)
+            return self._grammars_checked[grammar]
 
     @property
     def vocabulary_size(self) -> int:

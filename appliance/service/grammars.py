@@ -4,8 +4,11 @@ with the same converter). The schema is converted here, in Python; llama.cpp par
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
+
+GRAMMARS_KEPT = 64  # schemas converted once, then reused (a client sends the same one each time)
 
 
 class SchemaNotSupported(ValueError):
@@ -14,13 +17,13 @@ class SchemaNotSupported(ValueError):
 
 def response_grammar(kind: str, schema: dict[str, Any] | None = None) -> str | None:
     """The grammar for a response_format `type`: None for plain text."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from llama_cpp.llama_grammar import JSON_GBNF
 
     if kind == "json_object":
         return JSON_GBNF
     if kind == "json_schema":
         try:
-            return json_schema_to_gbnf(json.dumps(schema or {}))
+            return _schema_grammar(json.dumps(schema or {}, sort_keys=True))
         # The converter reports what it cannot express with assert, or fails on a bad shape.
         except (AssertionError, ValueError, KeyError, TypeError, AttributeError,
                 NotImplementedError, RecursionError) as error:
@@ -29,3 +32,10 @@ def response_grammar(kind: str, schema: dict[str, Any] | None = None) -> str | N
             raise SchemaNotSupported(message.replace(
                 " (use --allow-fetch for force)", ": put what it refers to in $defs")) from None
     return None
+
+
+@functools.lru_cache(maxsize=GRAMMARS_KEPT)
+def _schema_grammar(schema: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema)
