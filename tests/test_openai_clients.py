@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import openai
+import pydantic
 import pytest
 
 from tests.helpers import error_of
@@ -133,6 +135,20 @@ def test_a_schema_that_cannot_be_enforced_is_400_and_says_which_part(client, sch
 GREEDY = {**CHAT, "max_tokens": 6, "ignore_eos": True}
 
 
+class Colour(pydantic.BaseModel):
+    """COLOUR_SCHEMA as the client libraries' users write it."""
+
+    colour: str = pydantic.Field(max_length=16)
+    count: int = pydantic.Field(ge=0, le=99)
+
+
+@pytest.fixture
+def openai_client(start_server) -> openai.OpenAI:
+    server = start_server()
+    server.wait_ready()
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
 def test_logprobs_are_the_models_own_and_the_greedy_choice_is_the_likeliest(client):
     body = client.post("/v1/chat/completions",
                        json={**GREEDY, "logprobs": True, "top_logprobs": 3}).get_json()
@@ -198,19 +214,10 @@ def sse_chunks(data: bytes) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_openai_client_parses_structured_output_retrieves_the_model_and_sends_history_back(
-        start_server):
+        openai_client):
     """The official client against a real server: `chat.completions.parse` into a pydantic
     model, `models.retrieve`, logprobs, and its own answer object sent back as history."""
-    import openai
-    import pydantic
-
-    class Colour(pydantic.BaseModel):
-        colour: str = pydantic.Field(max_length=16)
-        count: int = pydantic.Field(ge=0, le=99)
-
-    server = start_server()
-    server.wait_ready()
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+    with openai_client as client:
         model = client.models.retrieve(client.models.list().data[0].id)
         assert model.id and model.object == "model"
         parsed = client.chat.completions.parse(
@@ -229,3 +236,57 @@ def test_the_openai_client_parses_structured_output_retrieves_the_model_and_send
                 reply.choices[0].message.model_dump(),
                 {"role": "user", "content": "Another one."}])
         assert follow_up.choices[0].message.content
+
+
+def test_responses_answer_text_and_message_input_with_instructions(client):
+    body = client.post("/v1/responses", json={
+        "input": "Name a colour.", "instructions": "Answer in one word.",
+        "max_output_tokens": 6, "temperature": 0}).get_json()
+    assert body["object"] == "response" and body["id"].startswith("resp_")
+    [item] = body["output"]
+    assert item["type"] == "message" and item["role"] == "assistant"
+    assert item["content"][0]["type"] == "output_text" and item["content"][0]["text"]
+    assert body["usage"]["output_tokens"] >= 1 and body["store"] is False
+    assert body["status"] in ("completed", "incomplete")
+    # The output handed back as input, as the SDK's users do for a conversation.
+    again = client.post("/v1/responses", json={
+        "input": [{"role": "user", "content": "Name a colour."}, item,
+                  {"role": "user", "content": [{"type": "input_text", "text": "Another."}]}],
+        "max_output_tokens": 4})
+    assert again.status_code == 200, again.get_json()
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"input": "hi", "store": True}, "nothing is kept on this appliance"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "nothing is kept on this appliance"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+    ({"input": "hi", "background": True}, "background: unknown parameter"),
+    ({"input": []}, "input"),
+])
+def test_responses_refuse_what_the_appliance_cannot_do_and_say_why(client, body, fragment):
+    response = client.post("/v1/responses", json=body)
+    assert response.status_code == 400
+    assert fragment in error_of(response)["message"]
+
+
+@pytest.mark.slow
+def test_the_openai_client_creates_streams_and_parses_responses(openai_client):
+    with openai_client as client:
+        model = client.models.list().data[0].id
+        whole = client.responses.create(model=model, input="Say hello.", max_output_tokens=8,
+                                        temperature=0)
+        assert whole.output_text and whole.usage.output_tokens >= 1
+        events = list(client.responses.create(model=model, input="Say hello.",
+                                              max_output_tokens=8, temperature=0,
+                                              stream=True))
+        kinds = [event.type for event in events]
+        assert kinds[:4] == ["response.created", "response.in_progress",
+                             "response.output_item.added", "response.content_part.added"]
+        assert kinds[-1] in ("response.completed", "response.incomplete")
+        assert [event.sequence_number for event in events] == list(range(len(events)))
+        streamed = "".join(event.delta for event in events
+                           if event.type == "response.output_text.delta")
+        assert streamed == whole.output_text == events[-1].response.output_text
+        parsed = client.responses.parse(model=model, input="Give a colour and a count.",
+                                        max_output_tokens=96, temperature=0, text_format=Colour)
+        assert isinstance(parsed.output_parsed, Colour)

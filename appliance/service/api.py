@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Request, Response, current_app, jsonify, request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import BadRequest
 
 from appliance.service.engine import (
@@ -31,7 +31,12 @@ from appliance.service.errors import ApiError
 from appliance.service.grammars import SchemaNotSupported, response_grammar
 from appliance.service.metrics import Metrics
 from appliance.service.prompts import ControlTokenText, PromptTooLong
-from appliance.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingParams
+from appliance.service.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponsesRequest,
+    SamplingParams,
+)
 from appliance.settings import VERIFICATION_HEADER, Settings
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -52,7 +57,7 @@ def _settings() -> Settings:
     return current_app.extensions["appliance.settings"]
 
 
-def _parse(model: type[SamplingParams]) -> Any:
+def _parse(model: type[BaseModel]) -> Any:
     # Only JSON: a web page may POST text/plain to any address without asking first (CORS
     # preflights only non-simple requests), so a keyless loopback service would run its prompts.
     if not request.is_json:
@@ -70,12 +75,16 @@ def _parse(model: type[SamplingParams]) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        problems = []
-        for item in exc.errors(include_url=False):
-            where = ".".join(str(part) for part in item["loc"]) or "body"
-            problems.append(f"{where}: {item['msg']}" if item["type"] != "extra_forbidden"
-                            else f"{where}: unknown parameter")
-        raise ApiError(400, "; ".join(problems), "invalid_parameters") from None
+        raise ApiError(400, _problems(exc), "invalid_parameters") from None
+
+
+def _problems(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        problems.append(f"{where}: {item['msg']}" if item["type"] != "extra_forbidden"
+                        else f"{where}: unknown parameter")
+    return "; ".join(problems)
 
 
 def _grammar(params: SamplingParams, engine: Engine) -> str | None:
@@ -347,6 +356,96 @@ def completions() -> Response:
     completion = _Completion("text", prompt, _prompt_checked(engine, prompt, sampling),
                              params.wants_usage_in_stream)
     return _respond(completion, params.stream)
+
+
+class _Response(_Completion):
+    """A chat completion rendered as the Responses API's response and its stream of events."""
+
+    def __init__(self, params: ResponsesRequest, prompt: list[int], sampling: Sampling):
+        super().__init__("chat", prompt, sampling, usage_in_stream=False)
+        self.params = params
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.item_id = f"msg_{uuid.uuid4().hex}"
+        self._sequence = 0
+
+    def _message(self, text: str, status: str) -> dict[str, Any]:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if status != \
+            "in_progress" else []
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant",
+                "content": content}
+
+    def _response(self, status: str, text: str | None = None) -> dict[str, Any]:
+        params = self.params
+        chosen = params.format.model_dump(by_alias=True, exclude_none=True)
+        finished = status != "in_progress"
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "error": None, "model": self.model,
+            "incomplete_details": ({"reason": "max_output_tokens"} if status == "incomplete"
+                                   else None),
+            "instructions": params.instructions, "max_output_tokens": params.max_output_tokens,
+            "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
+            "text": {"format": chosen}, "tools": [], "tool_choice": "none",
+            "parallel_tool_calls": False, "store": False, "truncation": "disabled",
+            "metadata": params.metadata or {}, "user": params.user,
+            "output": [self._message(text or "", status)] if finished else [],
+            "usage": self._usage() if finished else None,
+        }
+
+    def _usage(self) -> dict[str, Any]:
+        stats = self.stats
+        return {"input_tokens": stats.prompt_tokens, "output_tokens": stats.completion_tokens,
+                "total_tokens": stats.total_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0}}
+
+    def _status(self) -> str:
+        return "completed" if self.stats.finish_reason == "stop" else "incomplete"
+
+    def whole(self, lease: Lease) -> dict[str, Any]:
+        text = "".join(self.run(lease))
+        return self._response(self._status(), text)
+
+    def _event(self, kind: str, **fields: Any) -> str:
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return f"event: {kind}\n" + _sse(event)
+
+    def events(self, lease: Lease) -> Iterator[str]:
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        yield self._event("response.created", response=self._response("in_progress"))
+        yield self._event("response.in_progress", response=self._response("in_progress"))
+        yield self._event("response.output_item.added", output_index=0,
+                          item=self._message("", "in_progress"))
+        yield self._event("response.content_part.added", **where,
+                          part={"type": "output_text", "text": "", "annotations": []})
+        pieces = []
+        for piece in self.run(lease):
+            pieces.append(piece)
+            yield self._event("response.output_text.delta", **where, delta=piece)
+        text, status = "".join(pieces), self._status()
+        yield self._event("response.output_text.done", **where, text=text)
+        yield self._event("response.content_part.done", **where,
+                          part={"type": "output_text", "text": text, "annotations": []})
+        yield self._event("response.output_item.done", output_index=0,
+                          item=self._message(text, status))
+        yield self._event(f"response.{status}", response=self._response(status, text))
+
+
+@bp.post("/responses")
+def responses() -> Response:
+    params: ResponsesRequest = _parse(ResponsesRequest)
+    try:
+        chat = ChatCompletionRequest.model_validate(params.as_chat())
+    except ValidationError as exc:  # what input and text.format became, checked as a chat's
+        raise ApiError(400, _problems(exc), "invalid_parameters") from None
+    engine = _ready_engine()
+    with _prompt_errors():
+        prompt, template_stops = engine.chat_prompt(
+            [m.as_template_input() for m in chat.messages])
+    sampling = _sampling(chat, chat.requested_max_tokens, template_stops, engine, None)
+    return _respond(_Response(params, prompt, _prompt_checked(engine, prompt, sampling)),
+                    params.stream)
 
 
 def _model_entry() -> dict[str, Any]:

@@ -56,6 +56,13 @@ def _off(value: Any) -> Any:
     return value
 
 
+def _nothing_kept(value: Any) -> Any:
+    if value:
+        raise ValueError("nothing is kept on this appliance (responses are not stored): send "
+                         "the conversation as input, with store false or left out")
+    return value
+
+
 # Accepted only as "off": the features they switch on are not served.
 Off = Annotated[bool, AfterValidator(_off)]
 NoList = Annotated[list[Any], AfterValidator(_off)]
@@ -204,3 +211,81 @@ class CompletionRequest(SamplingParams):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+# The Responses API (POST /v1/responses): what a local model can do with it. It is served by
+# the chat completion machinery: `as_chat` says which chat completion a request is.
+class InputText(_Request):
+    type: Literal["input_text", "output_text"]
+    text: Text
+    annotations: list[dict[str, Any]] | None = Field(default=None, max_length=64)
+
+
+class InputMessage(_Request):
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[InputText] = Field(max_length=MAX_MESSAGES)
+    # What the SDK puts in an output item handed back as input.
+    id: Text | None = Field(default=None, max_length=128)
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    def as_chat_message(self) -> dict[str, Any]:
+        text = (self.content if isinstance(self.content, str)
+                else "".join(part.text for part in self.content))
+        return {"role": self.role, "content": text}
+
+
+class TextFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Text = Field(default="response", max_length=64)
+    description: Text | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextOptions(_Request):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Request):
+    model: Text | None = Field(default=None, max_length=256)
+    input: Text | list[InputMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    instructions: Text | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    text: TextOptions | None = None
+    # Nothing is kept on the appliance: a stored response, or one to continue from, cannot be.
+    store: Annotated[bool, AfterValidator(_nothing_kept)] | None = None
+    previous_response_id: Annotated[Text, AfterValidator(_nothing_kept)] | None = None
+    tools: NoList | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)],
+                   Annotated[Text, Field(max_length=512)]] | None = Field(default=None,
+                                                                           max_length=16)
+    user: Text | None = Field(default=None, max_length=256)
+
+    @property
+    def format(self) -> TextFormat:
+        return (self.text.format if self.text and self.text.format
+                else TextFormat(type="text"))
+
+    def as_chat(self) -> dict[str, Any]:
+        """The chat completion request body this request is."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions \
+            else []
+        messages += ([{"role": "user", "content": self.input}] if isinstance(self.input, str)
+                     else [item.as_chat_message() for item in self.input])
+        body: dict[str, Any] = {"messages": messages,
+                                "max_completion_tokens": self.max_output_tokens,
+                                "temperature": self.temperature, "top_p": self.top_p}
+        chosen = self.format
+        if chosen.type != "text":
+            body["response_format"] = {"type": chosen.type}
+            if chosen.type == "json_schema":
+                body["response_format"]["json_schema"] = {
+                    "name": chosen.name, "schema": chosen.schema_ or {}, "strict": chosen.strict}
+        return body
