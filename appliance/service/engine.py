@@ -170,7 +170,8 @@ class _Observer:
             self._logits = logits.copy()
         return logits
 
-    def logprob(self, token: int, detokenize: Callable[[list[int]], bytes]) -> TokenLogprob:
+    def logprob(self, token: int, text: bytes,
+                detokenize: Callable[[list[int]], bytes]) -> TokenLogprob:
         import numpy as np
 
         logits = self._logits
@@ -178,7 +179,7 @@ class _Observer:
         normaliser = peak + np.log(np.exp(logits - peak).sum())
         top = np.argpartition(-logits, self._top)[:self._top] if self._top else []
         ranked = sorted(top, key=lambda candidate: -logits[candidate])
-        return TokenLogprob(detokenize([token]), float(logits[token] - normaliser),
+        return TokenLogprob(text, float(logits[token] - normaliser),
                             tuple((detokenize([int(candidate)]),
                                    float(logits[candidate] - normaliser))
                                   for candidate in ranked))
@@ -600,10 +601,11 @@ class Engine:
                     stats.finish_reason = "stop"
                     break
                 stats.completion_tokens += 1
+                text = llama.detokenize([token])
                 if sampling.top_logprobs is not None:
-                    stats.logprobs.append(observer.logprob(token, llama.detokenize))
+                    stats.logprobs.append(observer.logprob(token, text, llama.detokenize))
                 stats.decode_seconds = now - first_token_at
-                pending += decoder.decode(llama.detokenize([token]))
+                pending += decoder.decode(text)
                 hit = min((pending.find(stop) for stop in sampling.stop if stop in pending),
                           default=-1)
                 if hit >= 0:
