@@ -247,6 +247,7 @@ def test_responses_answer_text_and_message_input_with_instructions(client):
     assert item["type"] == "message" and item["role"] == "assistant"
     assert item["content"][0]["type"] == "output_text" and item["content"][0]["text"]
     assert body["usage"]["output_tokens"] >= 1 and body["store"] is False
+    assert body["text"] == {"format": {"type": "text"}}  # what was asked, as OpenAI echoes it
     assert body["status"] in ("completed", "incomplete")
     # The output handed back as input, as the SDK's users do for a conversation.
     again = client.post("/v1/responses", json={

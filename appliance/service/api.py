@@ -358,6 +358,10 @@ def completions() -> Response:
     return _respond(completion, params.stream)
 
 
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
 class _Response(_Completion):
     """A chat completion rendered as the Responses API's response and its stream of events."""
 
@@ -369,14 +373,13 @@ class _Response(_Completion):
         self._sequence = 0
 
     def _message(self, text: str, status: str) -> dict[str, Any]:
-        content = [{"type": "output_text", "text": text, "annotations": []}] if status != \
-            "in_progress" else []
+        content = [_text_part(text)] if status != "in_progress" else []
         return {"id": self.item_id, "type": "message", "status": status, "role": "assistant",
                 "content": content}
 
     def _response(self, status: str, text: str | None = None) -> dict[str, Any]:
         params = self.params
-        chosen = params.format.model_dump(by_alias=True, exclude_none=True)
+        chosen = params.format.model_dump(by_alias=True, exclude_unset=True)
         finished = status != "in_progress"
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": status,
@@ -418,7 +421,7 @@ class _Response(_Completion):
         yield self._event("response.output_item.added", output_index=0,
                           item=self._message("", "in_progress"))
         yield self._event("response.content_part.added", **where,
-                          part={"type": "output_text", "text": "", "annotations": []})
+                          part=_text_part(""))
         pieces = []
         for piece in self.run(lease):
             pieces.append(piece)
@@ -426,7 +429,7 @@ class _Response(_Completion):
         text, status = "".join(pieces), self._status()
         yield self._event("response.output_text.done", **where, text=text)
         yield self._event("response.content_part.done", **where,
-                          part={"type": "output_text", "text": text, "annotations": []})
+                          part=_text_part(text))
         yield self._event("response.output_item.done", output_index=0,
                           item=self._message(text, status))
         yield self._event(f"response.{status}", response=self._response(status, text))

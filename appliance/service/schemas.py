@@ -235,12 +235,10 @@ class InputMessage(_Request):
         return {"role": self.role, "content": text}
 
 
-class TextFormat(_Request):
+class TextFormat(JsonSchemaFormat):
+    """The Responses API's `text.format`: chat's `response_format` with the schema inline."""
+
     type: Literal["text", "json_object", "json_schema"]
-    name: Text = Field(default="response", max_length=64)
-    description: Text | None = Field(default=None, max_length=4096)
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
 
 
 class TextOptions(_Request):
@@ -286,6 +284,6 @@ class ResponsesRequest(_Request):
         if chosen.type != "text":
             body["response_format"] = {"type": chosen.type}
             if chosen.type == "json_schema":
-                body["response_format"]["json_schema"] = {
-                    "name": chosen.name, "schema": chosen.schema_ or {}, "strict": chosen.strict}
+                body["response_format"]["json_schema"] = chosen.model_dump(
+                    by_alias=True, exclude={"type"})
         return body
