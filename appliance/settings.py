@@ -242,6 +242,9 @@ class ModelSettings(_Section):
     special_tokens_in_chat: bool = Field(default=False, description=(
         "`true`: chat messages may write the model's control tokens (`<|im_start|>system`, "
         "...) and so open turns of their own; `false`: their text is taken as plain text"))
+    chat_template_file: Path | None = Field(default=None, description=(
+        "a Jinja chat template to use instead of the one in the GGUF file (as llama-server's "
+        "`--chat-template-file`), for a model whose own is missing or wrong"))
     mlock: bool = Field(default=False, description=(
         "lock the model in RAM (the unit then needs `LimitMEMLOCK=infinity`)"))
     policy: Literal["pinned", "auto"] = Field(default="pinned", description=(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import json
 import time
@@ -30,12 +31,19 @@ from appliance.service.engine import (
 from appliance.service.errors import ApiError
 from appliance.service.grammars import SchemaNotSupported, response_grammar
 from appliance.service.metrics import Metrics
-from appliance.service.prompts import ControlTokenText, PromptTooLong
+from appliance.service.prompts import ControlTokenText, PromptTooLong, TemplateRefused
 from appliance.service.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     ResponsesRequest,
     SamplingParams,
+)
+from appliance.service.tools import (
+    AnswerSplitter,
+    ToolCallOut,
+    call_grammar,
+    chat_input,
+    tool_format,
 )
 from appliance.settings import VERIFICATION_HEADER, Settings
 
@@ -87,20 +95,29 @@ def _problems(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+@contextmanager
+def _enforceable(where: str) -> Iterator[None]:
+    try:
+        yield
+    except SchemaNotSupported as exc:
+        raise ApiError(400, f"{where} cannot be enforced: {exc}", "unsupported_schema") from None
+
+
+def _parsed(grammar: str | None, engine: Engine, where: str) -> str | None:
+    if grammar is not None and not engine.grammar_parses(grammar):
+        raise ApiError(400, f"{where} gives a grammar llama.cpp does not parse; simplify it",
+                       "unsupported_schema")
+    return grammar
+
+
 def _grammar(params: SamplingParams, engine: Engine) -> str | None:
     response_format = params.response_format
     if response_format is None:
         return None
     schema = response_format.json_schema.schema_ if response_format.json_schema else None
-    try:
-        grammar = response_grammar(response_format.type, schema)
-    except SchemaNotSupported as exc:
-        raise ApiError(400, f"response_format.json_schema.schema cannot be enforced: {exc}",
-                       "unsupported_schema") from None
-    if grammar is not None and not engine.grammar_parses(grammar):
-        raise ApiError(400, "response_format.json_schema.schema gives a grammar llama.cpp "
-                            "does not parse; simplify the schema", "unsupported_schema")
-    return grammar
+    where = "response_format.json_schema.schema"
+    with _enforceable(where):
+        return _parsed(response_grammar(response_format.type, schema), engine, where)
 
 
 def _logit_bias(params: SamplingParams, engine: Engine) -> tuple[tuple[int, float], ...]:
@@ -176,9 +193,13 @@ def is_verification(incoming: Request) -> bool:
                                current_app.extensions["appliance.verification_token"].encode())
 
 
-def _record(metrics: Metrics | None, stats: GenerationStats) -> None:
+def _record(metrics: Metrics | None, completion: _Completion) -> None:
     if metrics is None:  # a verification request
         return
+    stats = completion.stats
+    if completion.constraint is not None:
+        metrics.constrained_generations.labels(completion.constraint).inc()
+    metrics.tool_calls.inc(len(completion.calls))
     metrics.prompt_tokens.inc(stats.prompt_tokens)
     metrics.generated_tokens.inc(stats.completion_tokens)
     metrics.generation_seconds.inc(stats.generation_seconds)
@@ -205,8 +226,14 @@ def _sse(payload: dict[str, Any] | str) -> str:
 class _Completion:
     """One request's generation, rendered as a chat or a text completion."""
 
-    def __init__(self, kind: str, prompt: list[int], sampling: Sampling, usage_in_stream: bool):
+    def __init__(self, kind: str, prompt: list[int], sampling: Sampling, usage_in_stream: bool,
+                 splitter: AnswerSplitter | None = None, constraint: str | None = None):
         self.kind = kind
+        # With tools offered: what tells the answer's words from its calls.
+        self.splitter = splitter
+        self.constraint = constraint  # what the grammar is for, as the metrics count it
+        self.calls: list[ToolCallOut] = []
+        self.call_cut = False  # the last call was cut off (by max_tokens): it is left out
         self.prompt = prompt
         self.sampling = sampling
         self.usage_in_stream = usage_in_stream
@@ -226,10 +253,15 @@ class _Completion:
         return "chat.completion" if self.kind == "chat" else "text_completion"
 
     def _choice(self, text: str | None, finish: str | None, *, streaming: bool,
-                logprobs: list[TokenLogprob] | None = None) -> dict:
-        if self.kind == "chat":
-            body = ({"delta": {} if text is None else {"content": text}} if streaming
-                    else {"message": {"role": "assistant", "content": text}})
+                logprobs: list[TokenLogprob] | None = None,
+                delta: dict[str, Any] | None = None) -> dict:
+        if self.kind == "chat" and streaming:
+            body = {"delta": delta if delta is not None
+                    else {} if text is None else {"content": text}}
+        elif self.kind == "chat":
+            body = {"message": {"role": "assistant", "content": text}}
+            if self.calls:
+                body["message"]["tool_calls"] = [call.as_dict() for call in self.calls]
         else:
             body = {"text": text or ""}
         return {"index": 0, **body, "logprobs": self._logprobs(logprobs),
@@ -265,13 +297,29 @@ class _Completion:
                 "model": self.model, "choices": choices}
 
     def run(self, lease: Lease) -> Iterator[str]:
-        return self.engine.generate(lease, self.prompt, self.sampling, self.stats,
-                                    self.client_gone)
+        """The answer's words as they are generated; its calls are in `calls` at the end."""
+        pieces = self.engine.generate(lease, self.prompt, self.sampling, self.stats,
+                                      self.client_gone)
+        if self.splitter is None:
+            yield from pieces
+            return
+        for piece in pieces:
+            if words := self.splitter.feed(piece):
+                yield words
+        words, self.calls, self.call_cut = self.splitter.finish()
+        if words:
+            yield words
+
+    @property
+    def finish_reason(self) -> str:
+        if self.calls and not self.call_cut:
+            return "tool_calls"
+        return WIRE_FINISH_REASONS[self.stats.finish_reason]
 
     def whole(self, lease: Lease) -> dict[str, Any]:
         text = "".join(self.run(lease))
-        finish = WIRE_FINISH_REASONS[self.stats.finish_reason]
-        choice = self._choice(text, finish, streaming=False, logprobs=self._new_logprobs())
+        choice = self._choice(text or (None if self.calls else ""), self.finish_reason,
+                              streaming=False, logprobs=self._new_logprobs())
         return {**self._envelope([choice]), "usage": _usage(self.stats)}
 
     def events(self, lease: Lease) -> Iterator[str]:
@@ -283,8 +331,16 @@ class _Completion:
         for piece in self.run(lease):
             yield _sse(self._envelope([self._choice(piece, None, streaming=True,
                                                     logprobs=self._new_logprobs())], suffix))
-        finish = WIRE_FINISH_REASONS[self.stats.finish_reason]
-        yield _sse(self._envelope([self._choice(None, finish, streaming=True,
+        # A call as the SDKs assemble one: its id and name, then its arguments.
+        for index, call in enumerate(self.calls):
+            opening = call.as_dict()
+            opening["function"] = {"name": call.name, "arguments": ""}
+            for delta in ({"tool_calls": [{"index": index, **opening}]},
+                          {"tool_calls": [{"index": index,
+                                           "function": {"arguments": call.arguments}}]}):
+                yield _sse(self._envelope([self._choice(None, None, streaming=True,
+                                                        delta=delta)], suffix))
+        yield _sse(self._envelope([self._choice(None, self.finish_reason, streaming=True,
                                                 logprobs=self._new_logprobs())], suffix))
         if self.usage_in_stream:
             yield _sse({**self._envelope([], suffix), "usage": _usage(self.stats)})
@@ -298,7 +354,7 @@ def _respond(completion: _Completion, stream: bool) -> Response:
             body = completion.whole(lease)
         finally:
             lease.release()
-            _record(completion.metrics, completion.stats)
+            _record(completion.metrics, completion)
         return jsonify(body)
 
     def events() -> Iterator[str]:
@@ -306,7 +362,7 @@ def _respond(completion: _Completion, stream: bool) -> Response:
             yield from completion.events(lease)
         finally:
             lease.release()
-            _record(completion.metrics, completion.stats)
+            _record(completion.metrics, completion)
 
     response = Response(events(), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -323,6 +379,8 @@ def _prompt_errors() -> Iterator[None]:
         raise ApiError(400, str(exc), "context_length_exceeded") from None
     except ControlTokenText as exc:
         raise ApiError(400, str(exc), "control_token_text") from None
+    except TemplateRefused as exc:
+        raise ApiError(400, str(exc), "template_refused") from None
 
 
 def _prompt_checked(engine: Engine, prompt: list[int], sampling: Sampling) -> Sampling:
@@ -331,17 +389,45 @@ def _prompt_checked(engine: Engine, prompt: list[int], sampling: Sampling) -> Sa
     return dataclasses.replace(sampling, max_tokens=budget)
 
 
+def _constraint(params: SamplingParams) -> str | None:
+    """What the generation's grammar is for, if it has one."""
+    kind = params.response_format.type if params.response_format else None
+    return None if kind == "text" else kind
+
+
+def _chat_completion(params: ChatCompletionRequest, top_logprobs: int | None,
+                     make: Callable[..., _Completion]) -> _Completion:
+    """The chat completion a request asks for; `make` builds it from its prompt, sampling,
+    answer splitter and constraint."""
+    engine = _ready_engine()
+    form = tool_format(engine.chat_template)
+    messages, tools = chat_input(params, form)
+    with _prompt_errors():
+        prompt, template_stops = engine.chat_prompt(messages, tools)
+    sampling = _sampling(params, params.requested_max_tokens, template_stops, engine,
+                         top_logprobs)
+    constraint, splitter = _constraint(params), None
+    if params.tool_mode is not None:
+        if sampling.grammar is not None:
+            raise ApiError(400, "response_format and tools cannot be asked for together: "
+                                "the answer is held to one grammar; give the structure as a "
+                                "tool's parameters", "invalid_parameters")
+        with _enforceable("a tool's parameters"):
+            grammar, trigger = call_grammar(params, form)
+        sampling = dataclasses.replace(
+            sampling, grammar=_parsed(grammar, engine, "the tools' parameters"),
+            grammar_trigger=trigger)
+        constraint, splitter = "tools", AnswerSplitter(form, calls_only=trigger is None)
+    return make(prompt, _prompt_checked(engine, prompt, sampling), splitter, constraint)
+
+
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
     params: ChatCompletionRequest = _parse(ChatCompletionRequest)
-    engine = _ready_engine()
-    with _prompt_errors():
-        prompt, template_stops = engine.chat_prompt(
-            [m.as_template_input() for m in params.messages])
-    sampling = _sampling(params, params.requested_max_tokens, template_stops, engine,
-                         params.top_logprobs_wanted)
-    completion = _Completion("chat", prompt, _prompt_checked(engine, prompt, sampling),
-                             params.wants_usage_in_stream)
+    completion = _chat_completion(
+        params, params.top_logprobs_wanted,
+        lambda prompt, sampling, splitter, constraint: _Completion(
+            "chat", prompt, sampling, params.wants_usage_in_stream, splitter, constraint))
     return _respond(completion, params.stream)
 
 
@@ -354,7 +440,7 @@ def completions() -> Response:
     sampling = _sampling(params, params.requested_max_tokens, (), engine,
                          params.top_logprobs_wanted)
     completion = _Completion("text", prompt, _prompt_checked(engine, prompt, sampling),
-                             params.wants_usage_in_stream)
+                             params.wants_usage_in_stream, constraint=_constraint(params))
     return _respond(completion, params.stream)
 
 
@@ -365,8 +451,9 @@ def _text_part(text: str) -> dict[str, Any]:
 class _Response(_Completion):
     """A chat completion rendered as the Responses API's response and its stream of events."""
 
-    def __init__(self, params: ResponsesRequest, prompt: list[int], sampling: Sampling):
-        super().__init__("chat", prompt, sampling, usage_in_stream=False)
+    def __init__(self, params: ResponsesRequest, prompt: list[int], sampling: Sampling,
+                 splitter: AnswerSplitter | None, constraint: str | None):
+        super().__init__("chat", prompt, sampling, False, splitter, constraint)
         self.params = params
         self.id = f"resp_{uuid.uuid4().hex}"
         self.item_id = f"msg_{uuid.uuid4().hex}"
@@ -377,10 +464,21 @@ class _Response(_Completion):
         return {"id": self.item_id, "type": "message", "status": status, "role": "assistant",
                 "content": content}
 
+    @staticmethod
+    def _call(call: ToolCallOut, status: str = "completed") -> dict[str, Any]:
+        return {"id": f"fc_{call.id.removeprefix('call_')}", "type": "function_call",
+                "status": status, "call_id": call.id, "name": call.name,
+                "arguments": call.arguments if status == "completed" else ""}
+
+    def _output(self, text: str, status: str) -> list[dict[str, Any]]:
+        message = [self._message(text, status)] if text or not self.calls else []
+        return message + [self._call(call) for call in self.calls]
+
     def _response(self, status: str, text: str | None = None) -> dict[str, Any]:
         params = self.params
         chosen = params.format.model_dump(by_alias=True, exclude_unset=True)
         finished = status != "in_progress"
+        choice = params.tool_choice
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": status,
             "error": None, "model": self.model,
@@ -388,10 +486,13 @@ class _Response(_Completion):
                                    else None),
             "instructions": params.instructions, "max_output_tokens": params.max_output_tokens,
             "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
-            "text": {"format": chosen}, "tools": [], "tool_choice": "none",
-            "parallel_tool_calls": False, "store": False, "truncation": "disabled",
-            "metadata": params.metadata or {}, "user": params.user,
-            "output": [self._message(text or "", status)] if finished else [],
+            "text": {"format": chosen},
+            "tools": [tool.model_dump(exclude_none=True) for tool in params.tools or []],
+            "tool_choice": (choice.model_dump() if isinstance(choice, BaseModel)
+                            else choice or ("auto" if params.tools else "none")),
+            "parallel_tool_calls": params.parallel_tool_calls, "store": False,
+            "truncation": "disabled", "metadata": params.metadata or {}, "user": params.user,
+            "output": self._output(text or "", status) if finished else [],
             "usage": self._usage() if finished else None,
         }
 
@@ -403,7 +504,8 @@ class _Response(_Completion):
                 "output_tokens_details": {"reasoning_tokens": 0}}
 
     def _status(self) -> str:
-        return "completed" if self.stats.finish_reason == "stop" else "incomplete"
+        return ("completed" if self.stats.finish_reason == "stop" or self.calls
+                else "incomplete")
 
     def whole(self, lease: Lease) -> dict[str, Any]:
         text = "".join(self.run(lease))
@@ -414,24 +516,40 @@ class _Response(_Completion):
         self._sequence += 1
         return f"event: {kind}\n" + _sse(event)
 
+    def _message_opened(self) -> Iterator[str]:
+        yield self._event("response.output_item.added", output_index=0,
+                          item=self._message("", "in_progress"))
+        yield self._event("response.content_part.added", item_id=self.item_id, output_index=0,
+                          content_index=0, part=_text_part(""))
+
     def events(self, lease: Lease) -> Iterator[str]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         yield self._event("response.created", response=self._response("in_progress"))
         yield self._event("response.in_progress", response=self._response("in_progress"))
-        yield self._event("response.output_item.added", output_index=0,
-                          item=self._message("", "in_progress"))
-        yield self._event("response.content_part.added", **where,
-                          part=_text_part(""))
-        pieces = []
+        pieces: list[str] = []
         for piece in self.run(lease):
+            if not pieces:  # the message is opened by its first words: calls may come alone
+                yield from self._message_opened()
             pieces.append(piece)
             yield self._event("response.output_text.delta", **where, delta=piece)
         text, status = "".join(pieces), self._status()
-        yield self._event("response.output_text.done", **where, text=text)
-        yield self._event("response.content_part.done", **where,
-                          part=_text_part(text))
-        yield self._event("response.output_item.done", output_index=0,
-                          item=self._message(text, status))
+        if pieces or not self.calls:
+            if not pieces:
+                yield from self._message_opened()
+            yield self._event("response.output_text.done", **where, text=text)
+            yield self._event("response.content_part.done", **where, part=_text_part(text))
+            yield self._event("response.output_item.done", output_index=0,
+                              item=self._message(text, status))
+        first = 1 if pieces or not self.calls else 0
+        for index, call in enumerate(self.calls, start=first):
+            item = self._call(call)
+            yield self._event("response.output_item.added", output_index=index,
+                              item=self._call(call, "in_progress"))
+            yield self._event("response.function_call_arguments.delta", item_id=item["id"],
+                              output_index=index, delta=call.arguments)
+            yield self._event("response.function_call_arguments.done", item_id=item["id"],
+                              output_index=index, arguments=call.arguments)
+            yield self._event("response.output_item.done", output_index=index, item=item)
         yield self._event(f"response.{status}", response=self._response(status, text))
 
 
@@ -442,12 +560,7 @@ def responses() -> Response:
         chat = ChatCompletionRequest.model_validate(params.as_chat())
     except ValidationError as exc:  # what input and text.format became, checked as a chat's
         raise ApiError(400, _problems(exc), "invalid_parameters") from None
-    engine = _ready_engine()
-    with _prompt_errors():
-        prompt, template_stops = engine.chat_prompt(
-            [m.as_template_input() for m in chat.messages])
-    sampling = _sampling(chat, chat.requested_max_tokens, template_stops, engine, None)
-    return _respond(_Response(params, prompt, _prompt_checked(engine, prompt, sampling)),
+    return _respond(_chat_completion(chat, None, functools.partial(_Response, params)),
                     params.stream)
 
 

@@ -35,7 +35,7 @@ from appliance.models.checksums import verify_sha256
 from appliance.models.gguf import quantization_name, read_gguf_header
 from appliance.models.store import catalog_id_of
 from appliance.service import tuning
-from appliance.service.grammars import GRAMMARS_KEPT
+from appliance.service.grammars import GRAMMARS_KEPT, grammar_prefixed
 from appliance.service.loading import (
     LOAD_FLOOR_SECONDS,
     TrialLoad,
@@ -139,7 +139,10 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    grammar: str | None = None  # GBNF the text must match (response_format)
+    grammar: str | None = None  # GBNF the text must match (response_format, tool calls)
+    # With a grammar: it applies from where this text first appears (a tool call's opening,
+    # when the model may also answer in words); the grammar begins with it.
+    grammar_trigger: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # added to a token's logit before sampling
     top_logprobs: int | None = None  # None: no logprobs; else this many alternatives each
 
@@ -223,7 +226,7 @@ class Lease:
             self.engine._release()
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
+def held_back(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest tail of `text` that could begin one of the stop sequences."""
     longest = 0
     for stop in stops:
@@ -308,6 +311,7 @@ class Engine:
         path = settings.path
         started = self._clock()
         self._step(f"checking {path.name}")
+        template = self._chat_template_override()
         read_gguf_header(path)
         size = path.stat().st_size
         hashed = 0
@@ -344,7 +348,7 @@ class Engine:
                                  ExitCode.TRANSIENT) from None
         threads_choice = self._choose_threads(llama, sha256, cores)
         self._llama = llama
-        self._prompts = PromptBuilder(llama, settings.special_tokens_in_chat)
+        self._prompts = PromptBuilder(llama, settings.special_tokens_in_chat, template)
         file_type = llama.metadata.get("general.file_type")
         return ModelFacts(
             # A model from the store is named by its catalog id, which follows a fallback.
@@ -363,6 +367,17 @@ class Engine:
             load_seconds=round(self._clock() - started, 3),
             system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         )
+
+    def _chat_template_override(self) -> str | None:
+        path = self.model_settings.chat_template_file
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ApplianceError(f"model.chat_template_file: cannot read {path}: {exc}; fix "
+                                 "the path or leave the setting out to use the model's own",
+                                 ExitCode.CONFIG_INVALID) from None
 
     def _choose_threads(self, llama: Any, sha256: str, cores: int) -> dict[str, Any]:
         """`model.threads` when set; else the count measured fastest for this model file here,
@@ -484,10 +499,17 @@ class Engine:
 
     # ---- prompts -------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
+    def chat_prompt(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None
+                    ) -> tuple[list[int], tuple[str, ...]]:
         """(prompt tokens, the template's stop strings) for a chat; see prompts.py."""
         assert self._prompts is not None
-        return self._prompts.chat(messages)
+        return self._prompts.chat(messages, tools)
+
+    @property
+    def chat_template(self) -> str | None:
+        assert self._prompts is not None
+        return self._prompts.template
 
     def text_prompt(self, prompt: str) -> list[int]:
         assert self._prompts is not None
@@ -563,12 +585,10 @@ class Engine:
                 cancelled: Callable[[], bool]) -> Iterator[str]:
         llama = self._llama
         vocab = llama._model.vocab
-        from llama_cpp import LlamaGrammar, LogitsProcessorList, llama_cpp
+        from llama_cpp import llama_cpp
 
         # Unseeded means random: the seed of an earlier request must not carry over.
         llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
         started = self._clock()
         first_token_at: float | None = None
         if not self._evaluate_prompt(prompt, cancelled):
@@ -577,17 +597,21 @@ class Engine:
         evaluated_at = self._clock()
         observer = (_Observer(sampling)
                     if sampling.logit_bias or sampling.top_logprobs is not None else None)
+        trigger = sampling.grammar_trigger if sampling.grammar else None
+        generated: list[int] = []
+        pieces: list[bytes] = []  # each generated token's bytes
+        ends: list[int] = []  # the completion text's length after each token
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, delivered = "", 0  # the completion's text, and how much of it was yielded
         # The whole prompt is in the KV cache now: generate() finds it there and samples at once.
-        tokens = llama.generate(
-            prompt, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-            temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            grammar=LlamaGrammar.from_string(sampling.grammar) if sampling.grammar else None,
-            logits_processor=LogitsProcessorList([observer]) if observer else None,
-        )
+        tokens = self._continue(prompt, sampling, observer,
+                                None if trigger else sampling.grammar)
         try:
-            for token in tokens:
+            while True:
+                try:
+                    token = next(tokens)
+                except StopIteration:
+                    break
                 now = self._clock()
                 stats.generation_seconds = now - evaluated_at
                 if first_token_at is not None:
@@ -600,32 +624,67 @@ class Engine:
                 if not sampling.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
                     stats.finish_reason = "stop"
                     break
-                stats.completion_tokens += 1
-                text = llama.detokenize([token])
+                piece = llama.detokenize([token])
+                generated.append(token)
+                pieces.append(piece)
                 if sampling.top_logprobs is not None:
-                    stats.logprobs.append(observer.logprob(token, text, llama.detokenize))
+                    stats.logprobs.append(observer.logprob(token, piece, llama.detokenize))
                 stats.decode_seconds = now - first_token_at
-                pending += decoder.decode(text)
+                text += decoder.decode(piece)
+                ends.append(len(text))
+                if trigger is not None and (at := text.find(trigger, delivered)) >= 0:
+                    # From the last token boundary before the trigger on, the text is made
+                    # again under the grammar, which begins with what came after that boundary.
+                    kept = sum(1 for end in ends if end <= at)
+                    tokens.close()
+                    del generated[kept:], pieces[kept:], ends[kept:], stats.logprobs[kept:]
+                    decoder.reset()
+                    before, text = text, decoder.decode(b"".join(pieces))
+                    constrained = grammar_prefixed(sampling.grammar, before[len(text):at])
+                    trigger = None
+                    if not self._evaluate_prompt(prompt + generated, cancelled):
+                        stats.finish_reason = "cancelled"
+                        break
+                    tokens = self._continue(prompt + generated, sampling, observer, constrained)
+                    stats.completion_tokens = len(generated)
+                    continue
+                stats.completion_tokens = len(generated)
+                pending = text[delivered:]
                 hit = min((pending.find(stop) for stop in sampling.stop if stop in pending),
                           default=-1)
                 if hit >= 0:
-                    pending = pending[:hit]
+                    text = text[:delivered + hit]
                     stats.finish_reason = "stop"
                     break
-                keep = _held_back(pending, sampling.stop)
+                # A tail that may begin a stop sequence, or the trigger, is not yielded yet.
+                keep = held_back(pending, sampling.stop + ((trigger,) if trigger else ()))
                 if len(pending) > keep:
-                    yield pending[: len(pending) - keep]
-                    pending = pending[len(pending) - keep:]
+                    yield pending[:len(pending) - keep]
+                    delivered = len(text) - keep
                 if stats.completion_tokens >= sampling.max_tokens:
                     break
                 if self._stop.is_set() or cancelled():
                     stats.finish_reason = "cancelled"
                     break
-            pending += decoder.decode(b"", final=True)
-            if pending:
-                yield pending
+            text += decoder.decode(b"", final=True)
+            if len(text) > delivered:
+                yield text[delivered:]
         finally:
             tokens.close()
+
+    def _continue(self, context: list[int], sampling: Sampling, observer: _Observer | None,
+                  grammar: str | None) -> Iterator[int]:
+        """Tokens sampled after `context`, which is in the KV cache."""
+        from llama_cpp import LlamaGrammar, LogitsProcessorList
+
+        return self._llama.generate(
+            context, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+            temp=sampling.temperature, repeat_penalty=sampling.repeat_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            grammar=LlamaGrammar.from_string(grammar) if grammar else None,
+            logits_processor=LogitsProcessorList([observer]) if observer else None,
+        )
 
     def _evaluate_prompt(self, prompt: list[int], cancelled: Callable[[], bool]) -> bool:
         """Evaluate the part of `prompt` that is not in the KV cache already, in chunks; False

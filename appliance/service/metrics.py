@@ -208,6 +208,12 @@ class Metrics:
             "appliance_time_to_first_token_seconds", "Time from request to first token",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry)
+        self.constrained_generations = Counter(
+            "appliance_constrained_generations",
+            "Generations held to a grammar, by what asked for it (json_object, json_schema, "
+            "tools)", ["kind"], registry=self.registry)
+        self.tool_calls = Counter("appliance_tool_calls", "Tool calls the model answered with",
+                                  registry=self.registry)
         # Resident memory above all: the model and the KV cache are most of a Pi's RAM.
         ProcessCollector(registry=self.registry)
         self.registry.register(_LiveCollector(engine, hardware_root, verify_state_file,

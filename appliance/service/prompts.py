@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from jinja2 import TemplateError
 
 log = logging.getLogger(__name__)
 # A prompt's text past this size is followed by returning the freed heap to the system.
@@ -36,6 +39,11 @@ class PromptTooLong(ValueError):
 class ControlTokenText(ValueError):
     """A message holds control-token text where the template changed it, so that which of the
     prompt's characters came from the user is not known."""
+
+
+class TemplateRefused(ValueError):
+    """The model's chat template refuses the conversation (some allow only alternating turns,
+    or one tool call a turn)."""
 
 
 def _heap_trimmer() -> Callable[[], object]:
@@ -54,12 +62,14 @@ _trim_heap = _heap_trimmer()
 class PromptBuilder:
     """Prompt tokens for one loaded model (a llama-cpp-python `Llama`)."""
 
-    def __init__(self, llama: Any, special_tokens_in_chat: bool):
+    def __init__(self, llama: Any, special_tokens_in_chat: bool, template: str | None = None):
+        """`template`: the chat template (Jinja); None: the model's own."""
         from llama_cpp import llama_cpp
 
         self._llama = llama
         self._special_tokens_in_chat = special_tokens_in_chat
-        self._formatter = _chat_formatter(llama)
+        self.template = template or llama.metadata.get("tokenizer.chat_template")
+        self._formatter = _chat_formatter(llama, self.template)
         vocab = llama._model.vocab
         texts = [llama_cpp.llama_vocab_get_text(vocab, token) or b""
                  for token in range(llama.n_vocab())]
@@ -90,12 +100,28 @@ class PromptBuilder:
                 if text_bytes > TRIM_AFTER_BYTES:
                     _trim_heap()
 
-    def chat(self, messages: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
-        """Render the chat template and tokenize: (prompt tokens, template stop strings)."""
+    def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+             ) -> tuple[list[int], tuple[str, ...]]:
+        """Render the chat template and tokenize: (prompt tokens, template stop strings).
+        `tools` are for a template that renders them itself."""
         contents = [message["content"] for message in messages
                     if isinstance(message.get("content"), str)]
-        with self._preparing(sum(len(content.encode()) for content in contents)):
-            rendered = self._formatter(messages=messages)
+        # Tools, calls and results the template writes as JSON: their text cannot be told
+        # apart.
+        written = json.dumps([tools, [message.get("tool_calls") for message in messages],
+                              [content for message in messages
+                               if not isinstance(content := message["content"], str)]],
+                             ensure_ascii=False)
+        if (not self._special_tokens_in_chat and self._control_text is not None
+                and (found := self._control_text.search(written))):
+            raise ControlTokenText(f"a tool definition or call holds control-token text "
+                                       f"({found.group()!r}); remove it")
+        with self._preparing(sum(len(content.encode()) for content in contents) + len(written)):
+            try:
+                rendered = self._formatter(messages=messages, tools=tools)
+            except (ValueError, TemplateError) as exc:  # such as the template's raise_exception
+                raise TemplateRefused(f"the model's chat template refuses this conversation: "
+                                      f"{exc}") from None
             spans = self._spans(rendered.prompt, contents)
             tokens: list[int] = []
             for index, (text, special) in enumerate(spans):
@@ -132,10 +158,9 @@ class PromptBuilder:
         return [(text, special) for text, special in spans if text]
 
 
-def _chat_formatter(llama: Any) -> Callable[..., Any]:
+def _chat_formatter(llama: Any, template: str | None) -> Callable[..., Any]:
     from llama_cpp import llama_chat_format
 
-    template = llama.metadata.get("tokenizer.chat_template")
     if not template:
         log.warning("the model has no chat template; using ChatML")
         return llama_chat_format.format_chatml

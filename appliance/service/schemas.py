@@ -12,13 +12,25 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_LENGTH = 128
 MAX_MESSAGES = 512
 MAX_SCHEMA_BYTES = 64 * 1024  # a response_format schema, as JSON
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit for chat)
+MAX_TOOLS = 64  # tool definitions one request may offer
+MAX_TOOLS_BYTES = 64 * 1024  # all of them, as JSON: they are in the prompt and the grammar
+MAX_TOOL_CALLS = 16  # calls in one assistant message
 # llama.cpp's "pick a seed": what llama-server and llama-cpp-python take for random.
 RANDOM_SEED = -1
 
@@ -65,7 +77,6 @@ def _nothing_kept(value: Any) -> Any:
 
 # Accepted only as "off": the features they switch on are not served.
 Off = Annotated[bool, AfterValidator(_off)]
-NoList = Annotated[list[Any], AfterValidator(_off)]
 
 
 class JsonSchemaFormat(_Request):
@@ -142,36 +153,113 @@ class SamplingParams(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+def _bounded_tools(tools: list[Any]) -> list[Any]:
+    size = len(json.dumps([tool.model_dump(by_alias=True) for tool in tools]))
+    if size > MAX_TOOLS_BYTES:
+        raise ValueError(f"the tool definitions are {size} bytes as JSON, over "
+                         f"{MAX_TOOLS_BYTES}")
+    names = [tool.name for tool in tools]
+    if len(set(names)) < len(names):
+        raise ValueError("two tools have the same name")
+    return tools
+
+
+# A function's name, as OpenAI allows it: it is written into the grammar and the prompt.
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionDefinition(_Request):
+    name: ToolName
+    description: Text | None = Field(default=None, max_length=4096)
+    # The JSON Schema its arguments meet; none: any JSON object.
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+
+class FunctionName(_Request):
+    name: ToolName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+def _json_object(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError("the arguments are a JSON object, as text")
+    return text
+
+
+# A call's arguments as the SDKs send them: a JSON object's text.
+Arguments = Annotated[Text, Field(max_length=MAX_TOOLS_BYTES), AfterValidator(_json_object)]
+
+
+class FunctionCall(_Request):
+    name: ToolName
+    arguments: Arguments
+    # The openai SDK's `parse` adds the arguments read into the caller's model; ignored.
+    parsed_arguments: Any = None
+
+
+class ToolCall(_Request):
+    id: Text = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class TextPart(_Request):
     type: Literal["text"]
     text: Text
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] = ""
     name: Text | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
+    tool_call_id: Text | None = Field(default=None, max_length=128)  # what a tool answers
     # What the SDKs put in an assistant message they hand back (`message.model_dump()`).
     refusal: Text | None = None
-    tool_calls: NoList | None = None
+    parsed: Any = None  # the SDK's `parse`: the content read into the caller's model; ignored
     function_call: None = None
     audio: None = None
     annotations: list[dict[str, Any]] | None = Field(default=None, max_length=64)
 
-    def as_template_input(self) -> dict[str, str]:
-        text = (self.content if isinstance(self.content, str)
+    @model_validator(mode="after")
+    def _tool_fields_with_their_roles(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls are an assistant message's")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message answers a call: it has tool_call_id, and only it")
+        return self
+
+    @property
+    def text(self) -> str:
+        return (self.content if isinstance(self.content, str)
                 else "".join(part.text for part in self.content))
-        # Chat templates know "system"; OpenAI's newer "developer" role means the same.
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
 
 
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: NoList | None = None
-    tool_choice: Literal["none"] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS),
+                     AfterValidator(_bounded_tools)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -180,6 +268,27 @@ class ChatCompletionRequest(SamplingParams):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_among_tools(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice == "required" and not self.tools:
+            raise ValueError("tool_choice required needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                tool.name for tool in self.tools or []}:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not "
+                             "among the tools")
+        return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools offered, or "none"), "auto", "required", or a tool's name."""
+        choice = self.tool_choice
+        if not self.tools or choice == "none":
+            return None
+        if choice is None or isinstance(choice, str):
+            return choice or "auto"
+        return choice.function.name
 
     @property
     def top_logprobs_wanted(self) -> int | None:
@@ -235,6 +344,60 @@ class InputMessage(_Request):
         return {"role": self.role, "content": text}
 
 
+class FunctionCallItem(_Request):
+    """A call the model made (an output item handed back as input)."""
+
+    type: Literal["function_call"]
+    call_id: Text = Field(max_length=128)
+    name: ToolName
+    arguments: Arguments
+    id: Text | None = Field(default=None, max_length=128)
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    def as_tool_call(self) -> dict[str, Any]:
+        return {"id": self.call_id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+class FunctionCallOutput(_Request):
+    """What the caller's function returned."""
+
+    type: Literal["function_call_output"]
+    call_id: Text = Field(max_length=128)
+    output: Text
+    id: Text | None = Field(default=None, max_length=128)
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    def as_chat_message(self) -> dict[str, Any]:
+        return {"role": "tool", "tool_call_id": self.call_id, "content": self.output}
+
+
+def _item_type(item: Any) -> str:
+    kind = item.get("type") if isinstance(item, dict) else getattr(item, "type", None)
+    return kind or "message"  # the easy form: a message without its type
+
+
+InputItem = Annotated[Annotated[InputMessage, Tag("message")]
+                      | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutput, Tag("function_call_output")],
+                      Discriminator(_item_type)]
+
+
+class ResponsesTool(FunctionDefinition):
+    """The Responses API's function tool: chat's definition, flat."""
+
+    type: Literal["function"]
+
+    def as_chat_tool(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.model_dump(exclude={"type"},
+                                                                 exclude_none=True)}
+
+
+class NamedFunction(_Request):
+    type: Literal["function"]
+    name: ToolName
+
+
 class TextFormat(JsonSchemaFormat):
     """The Responses API's `text.format`: chat's `response_format` with the schema inline."""
 
@@ -247,7 +410,7 @@ class TextOptions(_Request):
 
 class ResponsesRequest(_Request):
     model: Text | None = Field(default=None, max_length=256)
-    input: Text | list[InputMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    input: Text | list[InputItem] = Field(min_length=1, max_length=MAX_MESSAGES)
     instructions: Text | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -257,9 +420,9 @@ class ResponsesRequest(_Request):
     # Nothing is kept on the appliance: a stored response, or one to continue from, cannot be.
     store: Annotated[bool, AfterValidator(_nothing_kept)] | None = None
     previous_response_id: Annotated[Text, AfterValidator(_nothing_kept)] | None = None
-    tools: NoList | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[ResponsesTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool = True
     truncation: Literal["disabled"] | None = None
     metadata: dict[Annotated[str, Field(max_length=64)],
                    Annotated[Text, Field(max_length=512)]] | None = Field(default=None,
@@ -275,11 +438,26 @@ class ResponsesRequest(_Request):
         """The chat completion request body this request is."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions \
             else []
-        messages += ([{"role": "user", "content": self.input}] if isinstance(self.input, str)
-                     else [item.as_chat_message() for item in self.input])
+        if isinstance(self.input, str):
+            messages.append({"role": "user", "content": self.input})
+        for item in [] if isinstance(self.input, str) else self.input:
+            if not isinstance(item, FunctionCallItem):
+                messages.append(item.as_chat_message())
+            # Calls follow the message they belong to: one assistant turn in chat.
+            elif messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(item.as_tool_call())
+            else:
+                messages.append({"role": "assistant", "content": "",
+                                 "tool_calls": [item.as_tool_call()]})
         body: dict[str, Any] = {"messages": messages,
                                 "max_completion_tokens": self.max_output_tokens,
-                                "temperature": self.temperature, "top_p": self.top_p}
+                                "temperature": self.temperature, "top_p": self.top_p,
+                                "parallel_tool_calls": self.parallel_tool_calls}
+        if self.tools:
+            body["tools"] = [tool.as_chat_tool() for tool in self.tools]
+        choice = self.tool_choice
+        body["tool_choice"] = ({"type": "function", "function": {"name": choice.name}}
+                               if isinstance(choice, NamedFunction) else choice)
         chosen = self.format
         if chosen.type != "text":
             body["response_format"] = {"type": chosen.type}
