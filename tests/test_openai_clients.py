@@ -4,11 +4,14 @@ default (often as null), the history they hand back, structured output and the m
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import openai
 import pydantic
 import pytest
 
+from appliance.service.grammars import LARGEST_INTEGER, integer_range
 from tests.helpers import error_of
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
@@ -290,3 +293,34 @@ def test_the_openai_client_creates_streams_and_parses_responses(openai_client):
         parsed = client.responses.parse(model=model, input="Give a colour and a count.",
                                         max_output_tokens=96, temperature=0, text_format=Colour)
         assert isinstance(parsed.output_parsed, Colour)
+
+
+def _as_regex(expression: str) -> re.Pattern:
+    """A GBNF expression of literals, digit classes, repeats and alternatives as a regex."""
+    return re.compile("^(?:" + re.sub(r'"([^"]*)"', lambda found: re.escape(found[1]),
+                                      expression).replace(" ", "") + ")$")
+
+
+@pytest.mark.parametrize("low, high", [(0, 99), (5, 5), (1, 100), (-5, 5), (-100, -3),
+                                       (17, 4321), (190, 210), (999, 1000),
+                                       (-LARGEST_INTEGER, 7)])
+def test_an_integer_range_admits_exactly_its_integers(low, high):
+    pattern = _as_regex(integer_range(low, high))
+    rng = random.Random(low * 31 + high)  # noqa: S311 - test inputs, not secrets
+    around = [*range(low - 60, low + 60), *range(high - 60, high + 60),
+              *(rng.randint(low - 10**6, high + 10**6) for _ in range(2000))]
+    assert [n for n in around if bool(pattern.match(str(n))) != (low <= n <= high)] == []
+    assert not any(pattern.match(text) for text in ("00", "01", "-0", "-01", "1.0"))
+
+
+def test_integer_bounds_hold_in_structured_output(client):
+    """llama-cpp-python's converter drops them; {"maximum": 99} must not let 100 through."""
+    schema = {"type": "object", "required": ["n"], "additionalProperties": False,
+              "properties": {"n": {"type": "integer", "minimum": 10, "exclusiveMaximum": 13}}}
+    for seed in range(4):
+        body = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Write a big number, like 1000000."}],
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "n", "schema": schema}},
+            "temperature": 1.5, "seed": seed, "max_tokens": 24}).get_json()
+        assert json.loads(body["choices"][0]["message"]["content"])["n"] in (10, 11, 12)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from typing import Any
 
@@ -46,9 +47,84 @@ def schema_grammar(schema: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=GRAMMARS_KEPT)
 def _converted(schema: str) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
-    return json_schema_to_gbnf(schema)
+    class Converter(SchemaConverter):
+        # llama-cpp-python's converter leaves integer bounds out (a TODO of its own), so that
+        # {"maximum": 99} would let 100 through; llama.cpp's C++ converter holds them.
+        def visit(self, schema: Any, name: str) -> str:
+            if (isinstance(schema, dict) and schema.get("type") == "integer"
+                    and INTEGER_BOUNDS & schema.keys()):
+                low, high = integer_bounds(schema)
+                rule = name + "-" if name in RESERVED_NAMES else name or "root"  # as its own
+                return self._add_rule(rule, f"({integer_range(low, high)}) space")
+            return super().visit(schema, name)
+
+    converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(json.loads(schema), "request"), "")
+    return converter.format_grammar()
+
+
+# ---- integer ranges --------------------------------------------------------------------------
+INTEGER_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+# An open side is bounded here: 15 digits, within what JSON parsers read exactly.
+LARGEST_INTEGER = 10**15 - 1
+
+
+def integer_bounds(schema: dict[str, Any]) -> tuple[int, int]:
+    """The integers a schema allows, as [low, high]."""
+    low, high = -LARGEST_INTEGER, LARGEST_INTEGER
+    if "minimum" in schema:
+        low = max(low, math.ceil(schema["minimum"]))
+    if "exclusiveMinimum" in schema:
+        low = max(low, math.floor(schema["exclusiveMinimum"]) + 1)
+    if "maximum" in schema:
+        high = min(high, math.floor(schema["maximum"]))
+    if "exclusiveMaximum" in schema:
+        high = min(high, math.ceil(schema["exclusiveMaximum"]) - 1)
+    if low > high:
+        raise SchemaNotSupported(f"no integer meets {schema}")
+    return low, high
+
+
+def integer_range(low: int, high: int) -> str:
+    """A GBNF expression of the integers from `low` to `high`, as JSON writes them."""
+    alternatives = []
+    if low < 0:
+        alternatives += [f'"-" ({" | ".join(_naturals(max(1, -high), -low))})']
+    if high >= 0:
+        alternatives += _naturals(max(0, low), high)
+    return " | ".join(alternatives)
+
+
+def _naturals(low: int, high: int) -> list[str]:
+    """Alternatives for low..high (0 <= low <= high), split into runs of one digit count."""
+    runs = []
+    for digits in range(len(str(low)), len(str(high)) + 1):
+        start = max(low, 10 ** (digits - 1) if digits > 1 else 0)
+        end = min(high, 10**digits - 1)
+        runs += _same_length(str(start), str(end))
+    return runs
+
+
+def _same_length(low: str, high: str) -> list[str]:
+    """Alternatives for the numbers low..high written with as many digits as each other."""
+    if len(low) == 1:
+        return [_digits(low, high)]
+    rest = len(low) - 1
+    if low[0] == high[0]:
+        return [f'"{low[0]}" ({" | ".join(_same_length(low[1:], high[1:]))})']
+    if low[1:] == "0" * rest and high[1:] == "9" * rest:
+        return [f"{_digits(low[0], high[0])} [0-9]{{{rest}}}"]
+    runs = [f'"{low[0]}" ({" | ".join(_same_length(low[1:], "9" * rest))})']
+    if int(high[0]) - int(low[0]) > 1:
+        runs.append(f"{_digits(str(int(low[0]) + 1), str(int(high[0]) - 1))} [0-9]{{{rest}}}")
+    runs.append(f'"{high[0]}" ({" | ".join(_same_length("0" * rest, high[1:]))})')
+    return runs
+
+
+def _digits(low: str, high: str) -> str:
+    return f"[{low}]" if low == high else f"[{low}-{high}]"
 
 
 def literal(text: str) -> str:
