@@ -242,6 +242,10 @@ class ModelSettings(_Section):
     special_tokens_in_chat: bool = Field(default=False, description=(
         "`true`: chat messages may write the model's control tokens (`<|im_start|>system`, "
         "...) and so open turns of their own; `false`: their text is taken as plain text"))
+    embedding_pooling: Literal["mean", "cls", "last"] | None = Field(default=None, description=(
+        "how `/v1/embeddings` pools the model's hidden states into one vector a text; unset: "
+        "the pooling an embedding model's GGUF declares, and none for a generative model "
+        "(the endpoint then answers 400)"))
     chat_template_file: Path | None = Field(default=None, description=(
         "a Jinja chat template to use instead of the one in the GGUF file (as llama-server's "
         "`--chat-template-file`), for a model whose own is missing or wrong"))

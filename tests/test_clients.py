@@ -33,7 +33,8 @@ class Colour(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    started = launch_server(tmp_path_factory.mktemp("server"), model_path)
+    started = launch_server(tmp_path_factory.mktemp("server"), model_path,
+                            model={"embedding_pooling": "mean"})
     started.wait_ready()
     yield started
     started.stop()
@@ -49,7 +50,7 @@ def model_id(server: ServerProcess) -> str:
 
 def test_langchain_chat_model_structured_output_tools_streaming_and_responses(server):
     from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 
     @tool
     def get_weather(city: str) -> str:
@@ -72,6 +73,12 @@ def test_langchain_chat_model_structured_output_tools_streaming_and_responses(se
     responses = ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="appliance",
                            temperature=0, max_tokens=16, max_retries=0, use_responses_api=True)
     assert responses.invoke("Name a colour.").text
+    # Without the length check it sends text, not tiktoken's ids (which fetch a vocabulary).
+    embeddings = OpenAIEmbeddings(base_url=server.url + "/v1", api_key="unused",
+                                  model="appliance", check_embedding_ctx_length=False,
+                                  max_retries=0)
+    vectors = embeddings.embed_documents(["a cat", "a kitten"])
+    assert len(vectors) == 2 and len(vectors[0]) == len(embeddings.embed_query("a dog"))
 
 
 def test_langchain_completions_llm_with_its_defaults(server):
@@ -103,6 +110,9 @@ def test_litellm_completion_structured_output_tools_and_text(server, monkeypatch
     [call] = called.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"]
     assert litellm.text_completion(prompt="The sky is", **options).choices[0].text
+    embedded = litellm.embedding(model="openai/appliance", api_base=server.url + "/v1",
+                                 api_key="unused", input=["a cat", "a kitten"])
+    assert len(embedded.data) == 2 and len(embedded.data[0]["embedding"]) > 100
 
 
 @pytest.fixture

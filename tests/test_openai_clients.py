@@ -12,7 +12,7 @@ import pydantic
 import pytest
 
 from appliance.service.grammars import LARGEST_INTEGER, integer_range
-from tests.helpers import error_of
+from tests.helpers import error_of, http_json, launch_server
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
         "temperature": 0, "seed": 1}
@@ -324,3 +324,62 @@ def test_integer_bounds_hold_in_structured_output(client):
                                 "json_schema": {"name": "n", "schema": schema}},
             "temperature": 1.5, "seed": seed, "max_tokens": 24}).get_json()
         assert json.loads(body["choices"][0]["message"]["content"])["n"] in (10, 11, 12)
+
+
+@pytest.fixture(scope="module")
+def embedding_server(model_path, tmp_path_factory):
+    """A server that pools the small model's hidden states (it declares no pooling itself)."""
+    server = launch_server(tmp_path_factory.mktemp("embeddings"), model_path,
+                           model={"embedding_pooling": "mean"})
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_embeddings_with_the_openai_client_are_unit_vectors_that_rank_meaning(
+        embedding_server):
+    texts = ["The cat sat on the mat.", "A kitten rested on the rug.",
+             "Stock markets fell sharply today.", "The cat sat on the mat."]
+    with openai.OpenAI(base_url=embedding_server.url + "/v1", api_key="unused",
+                       max_retries=0) as client:
+        # The client asks for base64 unless told: both forms are served.
+        answer = client.embeddings.create(model="appliance", input=texts)
+        floats = client.embeddings.create(model="appliance", input=texts[0],
+                                          encoding_format="float")
+    vectors = [item.embedding for item in answer.data]
+    assert [item.index for item in answer.data] == [0, 1, 2, 3]
+    assert answer.usage.prompt_tokens > len(texts)
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert all(dot(vector, vector) == pytest.approx(1.0, abs=1e-4) for vector in vectors)
+    assert floats.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)
+    assert dot(vectors[0], vectors[3]) == pytest.approx(1.0, abs=1e-5)  # the same text
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])  # nearer in meaning
+    url = embedding_server.url + "/v1/embeddings"
+    status, body = http_json(url, {"input": "word " * 600})
+    assert status == 400 and "at most 512 (model.batch)" in body["error"]["message"]
+    status, body = http_json(url, {"input": "x", "dimensions": 8})
+    assert status == 400 and "cannot shorten them" in body["error"]["message"]
+
+
+def test_embeddings_without_pooling_are_a_clear_400(client):
+    response = client.post("/v1/embeddings", json={"input": "hello"})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "model_cannot_embed" and "model.embedding_pooling" in error["message"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"input": [1, 2, 3]}, "token ids are another tokenizer's"),
+    ({"input": [[1, 2], [3]]}, "token ids are another tokenizer's"),
+    ({"input": []}, "input"),
+    ({"input": ["x"] * 257}, "input"),
+    ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+])
+def test_bad_embedding_requests_are_400_and_say_which_part(client, body, fragment):
+    response = client.post("/v1/embeddings", json=body)
+    assert response.status_code == 400
+    assert fragment in error_of(response)["message"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import hmac
 import json
+import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ from flask import Blueprint, Request, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import BadRequest
 
+from appliance.service.embeddings import CannotEmbed
 from appliance.service.engine import (
     ClientGone,
     Engine,
@@ -35,6 +38,7 @@ from appliance.service.prompts import ControlTokenText, PromptTooLong, TemplateR
 from appliance.service.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     ResponsesRequest,
     SamplingParams,
 )
@@ -160,8 +164,13 @@ def _ready_engine() -> Engine:
 def _acquire(completion: _Completion) -> Lease:
     engine = completion.engine
     estimate = engine.estimate_seconds(len(completion.prompt), completion.sampling.max_tokens)
+    return _leased(engine, estimate, completion.client_gone)
+
+
+def _leased(engine: Engine, estimate: float, client_gone: Callable[[], bool]) -> Lease:
+    """The model, or the API's answer for why not (a full queue, a timeout, ...)."""
     try:
-        return engine.acquire(estimate, completion.client_gone)
+        return engine.acquire(estimate, client_gone)
     except ClientGone:
         # Nobody reads this answer; the status (nginx's "client closed request") is for the
         # metrics.
@@ -562,6 +571,44 @@ def responses() -> Response:
         raise ApiError(400, _problems(exc), "invalid_parameters") from None
     return _respond(_chat_completion(chat, None, functools.partial(_Response, params)),
                     params.stream)
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    params: EmbeddingRequest = _parse(EmbeddingRequest)
+    engine = _ready_engine()
+    model = engine.facts.id  # type: ignore[union-attr]  # a ready engine has its facts
+    try:
+        with _prompt_errors():
+            tokens = engine.embedding_tokens(params.texts)
+    except CannotEmbed:
+        raise ApiError(400, f"the model {model!r} does not embed: its GGUF file "
+                            "declares no pooling; serve an embedding model, or set "
+                            "model.embedding_pooling (mean, cls or last) to pool this one's "
+                            "hidden states", "model_cannot_embed") from None
+    dimensions = engine.embedding_dimensions
+    if params.dimensions not in (None, dimensions):
+        raise ApiError(400, f"dimensions: this model's vectors have {dimensions}; it cannot "
+                            "shorten them", "invalid_parameters")
+    count = sum(map(len, tokens))
+    estimate = count / (engine.prompt_tokens_per_second or 100.0)
+    client_gone = _client_gone()
+    lease = _leased(engine, estimate, client_gone)
+    try:
+        vectors = engine.embed(lease, tokens, client_gone)
+    finally:
+        lease.release()
+    if vectors is None:
+        raise ApiError(503, "the service is shutting down", "model_not_ready",
+                       {"Retry-After": "5"})
+    if not is_verification(request):
+        _metrics().embedding_tokens.inc(count)
+    return jsonify({"object": "list", "model": model, "data": [
+        {"object": "embedding", "index": index,
+         "embedding": (base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+                       if params.encoding_format == "base64" else vector)}
+        for index, vector in enumerate(vectors)],
+        "usage": {"prompt_tokens": count, "total_tokens": count}})
 
 
 def _model_entry() -> dict[str, Any]:

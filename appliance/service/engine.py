@@ -35,6 +35,7 @@ from appliance.models.checksums import verify_sha256
 from appliance.models.gguf import quantization_name, read_gguf_header
 from appliance.models.store import catalog_id_of
 from appliance.service import tuning
+from appliance.service.embeddings import CannotEmbed, Embedder, declared_pooling
 from appliance.service.grammars import GRAMMARS_KEPT, grammar_prefixed
 from appliance.service.loading import (
     LOAD_FLOOR_SECONDS,
@@ -117,6 +118,7 @@ class ModelFacts:
     threads_choice: dict[str, Any]
     flash_attention: bool
     kv_cache_type: str
+    embedding_pooling: str | None  # None: the model does not embed
     load_seconds: float
     system_info: str
 
@@ -247,6 +249,7 @@ class Engine:
         self._clock = clock
         self._llama: Any = None
         self._prompts: PromptBuilder | None = None
+        self._embedder: Embedder | None = None
         self._grammars_checked: dict[str, bool] = {}  # insertion order: the oldest goes first
         self._grammars_lock = threading.Lock()
         self._condition = threading.Condition()
@@ -349,6 +352,9 @@ class Engine:
         threads_choice = self._choose_threads(llama, sha256, cores)
         self._llama = llama
         self._prompts = PromptBuilder(llama, settings.special_tokens_in_chat, template)
+        pooling = settings.embedding_pooling or declared_pooling(llama)
+        if pooling is not None:
+            self._embedder = Embedder(llama, pooling, settings.batch, threads_choice["threads"])
         file_type = llama.metadata.get("general.file_type")
         return ModelFacts(
             # A model from the store is named by its catalog id, which follows a fallback.
@@ -364,6 +370,7 @@ class Engine:
             threads_choice=threads_choice,
             flash_attention=settings.flash_attention,
             kv_cache_type=settings.kv_cache_type,
+            embedding_pooling=pooling,
             load_seconds=round(self._clock() - started, 3),
             system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         )
@@ -543,6 +550,44 @@ class Engine:
                 f"the prompt is {prompt_tokens} tokens but the context holds {context} "
                 "(model.context); shorten the prompt or the conversation")
         return min(requested, context - prompt_tokens)
+
+    # ---- embeddings ----------------------------------------------------------------------
+
+    def embedding_tokens(self, texts: list[str]) -> list[list[int]]:
+        """Each text's tokens; CannotEmbed without pooling, PromptTooLong past its context."""
+        embedder = self._embedder
+        if embedder is None:
+            raise CannotEmbed()
+        tokens = [self.text_prompt(text) for text in texts]  # tokenized as a completion's
+        for index, each in enumerate(tokens):
+            if len(each) > embedder.tokens:
+                raise PromptTooLong(f"input {index} is {len(each)} tokens; an embedding takes "
+                                    f"at most {embedder.tokens} (model.batch)")
+        return tokens
+
+    @property
+    def embedding_dimensions(self) -> int:
+        return self._llama.n_embd()
+
+    def embed(self, lease: Lease, tokens: list[list[int]],
+              cancelled: Callable[[], bool] = lambda: False) -> list[list[float]] | None:
+        """The texts' unit vectors, on the inference thread; None when stopped between two."""
+        if lease.released or lease.engine is not self:
+            raise RuntimeError("embed() needs a lease that is held")
+        embedder = self._embedder
+        assert embedder is not None
+
+        def run() -> list[list[float]] | None:
+            vectors = []
+            for each in tokens:
+                if self._stop.is_set() or cancelled():
+                    return None
+                self.status_line = f"embedding: {len(vectors)} of {len(tokens)} texts"
+                vectors.append(embedder.embed(each))
+                self._last_progress = self._clock()
+            return vectors
+
+        return self._inference.submit(run).result()
 
     # ---- generation ----------------------------------------------------------------------
 

@@ -214,6 +214,9 @@ class Metrics:
             "tools)", ["kind"], registry=self.registry)
         self.tool_calls = Counter("appliance_tool_calls", "Tool calls the model answered with",
                                   registry=self.registry)
+        self.embedding_tokens = Counter("appliance_embedding_tokens",
+                                        "Tokens of the texts /v1/embeddings embedded",
+                                        registry=self.registry)
         # Resident memory above all: the model and the KV cache are most of a Pi's RAM.
         ProcessCollector(registry=self.registry)
         self.registry.register(_LiveCollector(engine, hardware_root, verify_state_file,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -320,6 +321,34 @@ class CompletionRequest(SamplingParams):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+MAX_EMBEDDING_INPUTS = 256  # texts one embeddings request may send
+
+
+def _not_token_ids(value: Any) -> Any:
+    # OpenAI's clients may send tiktoken's token ids; they mean nothing to this model's vocabulary.
+    if isinstance(value, list) and value and (
+            isinstance(value[0], int) or (isinstance(value[0], list) and value[0]
+                                          and isinstance(value[0][0], int))):
+        raise ValueError("token ids are another tokenizer's (OpenAI's); send the text "
+                         "(LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))")
+    return value
+
+
+class EmbeddingRequest(_Request):
+    model: Text | None = Field(default=None, max_length=256)
+    input: Annotated[Annotated[Text, Field(min_length=1)]
+                     | Annotated[list[Annotated[Text, Field(min_length=1)]],
+                                 Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)],
+                     BeforeValidator(_not_token_ids)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: Text | None = Field(default=None, max_length=256)
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 # The Responses API (POST /v1/responses): what a local model can do with it. It is served by
