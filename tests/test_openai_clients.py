@@ -55,12 +55,30 @@ def test_history_as_the_sdk_hands_it_back_is_accepted(client):
     ({**CHAT, "store": True}, "store"),
     ({**CHAT, "response_format": {"type": "json_schema"}}, "json_schema is given"),
     ({**CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
+    ({**CHAT, "n": 2}, "n: Input should be 1"),
+    ({**CHAT, "reasoning_effort": "high"}, "reasoning_effort: unknown parameter"),
+    ({**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]},
+     "messages.0.content"),
 ])
 def test_features_switched_on_that_are_not_served_are_400_and_say_which(client, body,
                                                                          fragment):
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert fragment in error_of(response)["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/fine_tuning/jobs",
+                                  "/v1/audio/speech", "/v1/moderations"])
+def test_endpoints_for_what_the_appliance_does_not_do_are_404(client, path):
+    assert client.post(path, json={}).status_code == 404
+
+
+def test_completions_refuse_more_than_one_answer_and_echo(client):
+    for extra, fragment in (({"n": 3}, "n: Input should be 1"), ({"echo": True}, "echo"),
+                            ({"best_of": 2}, "best_of: unknown parameter")):
+        response = client.post("/v1/completions", json={"prompt": "a", **extra})
+        assert response.status_code == 400 and fragment in error_of(response)["message"]
 
 
 def test_seed_minus_one_is_random_and_a_seed_does_not_carry_over(client):
