@@ -164,3 +164,9 @@ def write_appliances_inventory(path: Path, hosts: dict[str, dict[str, Any]]) -> 
     path.write_text(yaml.safe_dump({"all": {"children": {"appliances": {"hosts": hosts}}}},
                                    sort_keys=False))
     return path
+
+
+def sse_chunks(data: bytes) -> list[dict]:
+    """A chat or completion stream's JSON chunks (without the closing `[DONE]`)."""
+    return [json.loads(line.removeprefix(b"data: ")) for line in data.split(b"\n\n")
+            if line and line != b"data: [DONE]"]

@@ -129,7 +129,7 @@ def test_prompt_longer_than_context_is_400_not_truncated(client):
 
 
 def test_unknown_route_is_404_in_openai_shape(client):
-    response = client.get("/v1/embeddings")
+    response = client.get("/v1/assistants")
     assert response.status_code == 404
     assert error_of(response)["type"] == "not_found_error"
 

@@ -12,7 +12,7 @@ import pydantic
 import pytest
 
 from appliance.service.grammars import LARGEST_INTEGER, integer_range
-from tests.helpers import error_of, http_json, launch_server
+from tests.helpers import error_of, http_json, launch_server, sse_chunks
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8,
         "temperature": 0, "seed": 1}
@@ -142,6 +142,13 @@ def test_json_object_mode_streams_a_json_object(client):
      "Fetching remote schemas is not allowed: put what it refers to in $defs"),
     ({"type": "string", "pattern": "a+"}, 'Pattern must start with "^"'),
     ({"type": "mystery"}, "Unrecognized schema"),
+    # Bounds of the grammar: the converter would write 10⁹ rules out; a grammar over 256 KiB.
+    ({"type": "string", "maxLength": 10**9}, "maxLength 1000000000 repeats more than 2048"),
+    ({"type": "string", "pattern": "^a{1,999999}$"}, "repeats more than 2048 times"),
+    ({"type": "object", "required": [f"p{n}" for n in range(40)], "properties": {
+        f"p{n}": {"type": "string", "maxLength": 2000} for n in range(40)}},
+     "over 262144"),
+    ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer meets"),
 ])
 def test_a_schema_that_cannot_be_enforced_is_400_and_says_which_part(client, schema,
                                                                       fragment):
@@ -225,11 +232,6 @@ def _token_id(client, text: str) -> int:
     engine = client.application.extensions["appliance.engine"]
     [token] = engine._llama.tokenize(text.encode(), add_bos=False, special=False)
     return token
-
-
-def sse_chunks(data: bytes) -> list[dict]:
-    return [json.loads(line.removeprefix(b"data: ")) for line in data.split(b"\n\n")
-            if line and line != b"data: [DONE]"]
 
 
 @pytest.mark.slow

@@ -19,8 +19,7 @@ from appliance.service.engine import Engine, GenerationStats, Sampling
 from appliance.service.prompts import ControlTokenText
 from appliance.service.schemas import MAX_TOOLS, ChatCompletionRequest
 from appliance.service.tools import AnswerSplitter, Syntax, chat_input, tool_format
-from tests.helpers import error_of
-from tests.test_openai_clients import sse_chunks
+from tests.helpers import error_of, sse_chunks
 
 TEMPLATES = Path(__file__).parent / "data" / "chat-templates"
 WEATHER_PARAMETERS = {"type": "object", "additionalProperties": False,

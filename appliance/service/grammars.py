@@ -12,6 +12,10 @@ import re
 from typing import Any
 
 GRAMMARS_KEPT = 64  # schemas converted once, then reused (a client sends the same one each time)
+MAX_GRAMMAR_BYTES = 256 * 1024  # what one request's grammar may be, as text
+MAX_REPETITION = 2048  # a bounded length or count in a schema (maxLength, maxItems, x{n})
+REPEATED = {"minLength", "maxLength", "minItems", "maxItems"}
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 # The pieces of a GBNF line that are not rule names: string literals and character classes.
 _NOT_NAMES = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
 
@@ -33,9 +37,10 @@ def response_grammar(kind: str, schema: dict[str, Any] | None = None) -> str | N
 
 def schema_grammar(schema: dict[str, Any]) -> str:
     """The grammar of JSON valid for `schema`; SchemaNotSupported says what it cannot hold."""
+    _check_repetitions(schema)
     try:
         # As given: the converter writes the properties in the schema's order.
-        return _converted(json.dumps(schema))
+        grammar = _converted(json.dumps(schema))
     # The converter reports what it cannot express with assert, or fails on a bad shape.
     except (AssertionError, ValueError, KeyError, TypeError, AttributeError,
             NotImplementedError, RecursionError) as error:
@@ -43,6 +48,31 @@ def schema_grammar(schema: dict[str, Any]) -> str:
         # The converter's own advice is for its command line; here nothing is fetched.
         raise SchemaNotSupported(message.replace(
             " (use --allow-fetch for force)", ": put what it refers to in $defs")) from None
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise SchemaNotSupported(f"its grammar is {len(grammar)} bytes, over "
+                                 f"{MAX_GRAMMAR_BYTES}; fewer or shorter bounded parts")
+    return grammar
+
+
+def _check_repetitions(schema: Any) -> None:
+    """The converter writes a repetition out in full (maxLength 10⁹ would be 10⁹ rules): bound
+    every count before it runs."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack += node
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                counts = ([value] if key in REPEATED and isinstance(value, int)
+                          else [int(count) for pair in _QUANTIFIER.findall(value)
+                                for count in pair if count]
+                          if key == "pattern" and isinstance(value, str) else [])
+                if any(count > MAX_REPETITION for count in counts):
+                    raise SchemaNotSupported(
+                        f"{key} {value!r} repeats more than {MAX_REPETITION} times, more than "
+                        "a grammar holds here; bound it lower")
+                stack.append(value)
 
 
 @functools.lru_cache(maxsize=GRAMMARS_KEPT)

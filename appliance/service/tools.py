@@ -37,6 +37,9 @@ class Syntax(StrEnum):
 OPENING = {Syntax.HERMES: "<tool_call>", Syntax.JSON: '{"name"'}
 ARGUMENTS = {Syntax.HERMES: "arguments", Syntax.JSON: "parameters"}
 HERMES_CLOSING = "</tool_call>"
+# A block as Qwen's template writes one: the call's JSON on a line of its own.
+_BLOCK_OPENING = literal(OPENING[Syntax.HERMES] + "\n")
+_BLOCK_CLOSING = literal("\n" + HERMES_CLOSING)
 
 
 # Where a call begins in the answer: the grammar's JSON may have space after its brace.
@@ -159,8 +162,7 @@ def call_grammar(params: ChatCompletionRequest, form: ToolFormat) -> tuple[str, 
     if form.syntax is Syntax.JSON:
         grammar = f"{call}\nroot ::= tool-call"
     else:
-        block = (f"tool-block ::= {literal(OPENING[Syntax.HERMES] + chr(10))} tool-call "
-                 f"{literal(chr(10) + HERMES_CLOSING)}")
+        block = f"tool-block ::= {_BLOCK_OPENING} tool-call {_BLOCK_CLOSING}"
         more = (f' ("\\n" tool-block){{0,{MAX_TOOL_CALLS - 1}}}'
                 if params.parallel_tool_calls else "")
         grammar = f"{call}\n{block}\nroot ::= tool-block{more}"
