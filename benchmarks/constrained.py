@@ -79,10 +79,10 @@ def main() -> None:
     reference = statistics.median(rates["free text"])
     print(f"{args.model.name}, {args.threads} threads, {args.runs} runs of up to "
           f"{args.tokens} tokens each, alternating")
-    print(f"{'generation':<22} {'decode tok/s (median)':>22} {'min–max':>15} {'× free text':>12}")
+    print(f"{'generation':<22} {'decode tok/s (median)':>22} {'min-max':>15} {'× free text':>12}")
     for kind, measured in rates.items():
         median = statistics.median(measured)
-        print(f"{kind:<22} {median:>22.1f} {min(measured):>7.1f}–{max(measured):<7.1f} "
+        print(f"{kind:<22} {median:>22.1f} {min(measured):>7.1f}-{max(measured):<7.1f} "
               f"{median / reference:>12.3f}")
     engine.shut_down()
 
