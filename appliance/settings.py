@@ -415,6 +415,11 @@ class Settings(_Section):
         return self.paths.state_dir / "verification-token"
 
     @property
+    def first_boot_state_file(self) -> Path:
+        """A flashed image's first boot: the step it is at, and whether it is done."""
+        return self.paths.state_dir / "first-boot.json"
+
+    @property
     def fallback_state_file(self) -> Path:
         """The steps `model.policy = "auto"` took after failed verifications."""
         return self.paths.state_dir / "fallback.json"

@@ -53,6 +53,15 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def filesystem_space(path: Path) -> tuple[int, int] | None:
+    """(bytes free to an unprivileged user, size) of the filesystem holding `path`."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
+
+
 def sha256_digest(value: str) -> str:
     """`value` as a sha256 in lowercase hex; ValueError saying what it must be otherwise."""
     digest = value.lower()

@@ -103,6 +103,16 @@ def summarize_health(body: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _key(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if settings.server.api_key_file is None:
+        print("no API key is set (server.api_key_file): the API answers without one, which it "
+              "does on loopback only", file=sys.stderr)
+        return ExitCode.NOT_OK
+    print(read_api_key(settings.server.api_key_file).decode())
+    return ExitCode.OK
+
+
 def _service_url(args: argparse.Namespace) -> str:
     """--url, else where the configuration says the service listens, else the default address."""
     if args.url:
@@ -181,6 +191,11 @@ def add_commands(commands: Any) -> None:
         "device reaches the service at")
     show.add_argument("path", type=Path)
     show.set_defaults(handler=_config_show)
+
+    key = commands.add_parser("key", help="print the API key clients send (as root or the "
+                              "service's user: the file is theirs alone)")
+    add_config(key)
+    key.set_defaults(handler=_key)
 
     health = commands.add_parser(
         "health", help="one-line health summary; exit 0 only if ok, 69 if unreachable")

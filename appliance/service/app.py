@@ -9,7 +9,7 @@ import uuid
 
 from flask import Flask, Response, g, request
 
-from appliance.service import api, health
+from appliance.service import api, health, status_page
 from appliance.service.auth import FailedAuthentications, require_api_key
 from appliance.service.engine import Engine
 from appliance.service.errors import register_error_handlers
@@ -21,7 +21,7 @@ from appliance.util import write_atomically
 log = logging.getLogger(__name__)
 
 # Endpoints anyone may call: monitoring must see health without holding the key.
-PUBLIC_ENDPOINTS = frozenset({"ops.health"})
+PUBLIC_ENDPOINTS = frozenset({"ops.health", "status.status_page"})
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
@@ -83,4 +83,5 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(status_page.bp)
     return app

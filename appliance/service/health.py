@@ -15,7 +15,7 @@ from appliance.hardware import sysfs
 from appliance.service.engine import Engine, EngineState
 from appliance.service.metrics import CONTENT_TYPE
 from appliance.settings import Settings
-from appliance.util import read_state_file
+from appliance.util import filesystem_space, read_state_file
 
 bp = Blueprint("ops", __name__)
 
@@ -34,14 +34,26 @@ VERIFIER = {
 }
 
 
+def provisioning_step(settings: Settings) -> str | None:
+    """The step a flashed image's first boot is at; None once it is done (or never ran)."""
+    state = read_state_file(settings.first_boot_state_file)
+    if state is None or state.get("state") == "done":
+        return None
+    return str(state.get("step") or "starting")
+
+
 def service_status(engine: Engine, settings: Settings, instance_id: str,
                    verification: dict[str, Any] | None) -> tuple[str, str | None]:
     """The status monitoring acts on, and why it is not "ok".
 
-    loading → verifying → ok: a load balancer must not send traffic into a running benchmark,
-    so a loaded model counts only once a verification of *this* instance has finished. Below
-    target, `verify.on_fail` decides: "degraded" keeps serving (200), "refuse" does not (503).
+    provisioning (a first boot's steps) → loading → verifying → ok: a load balancer must not
+    send traffic into a running benchmark, so a loaded model counts only once a verification of
+    *this* instance has finished. Below target, `verify.on_fail` decides: "degraded" keeps
+    serving (200), "refuse" does not (503).
     """
+    step = provisioning_step(settings)
+    if step is not None and engine.state is not EngineState.STOPPING:
+        return "provisioning", step
     status = engine_status(engine)
     if status != "ok" or not settings.verify.enabled:
         return status, None
@@ -55,7 +67,8 @@ def service_status(engine: Engine, settings: Settings, instance_id: str,
 
 HEALTHY = frozenset({"ok", "degraded"})
 # Every status service_status() can give, as /metrics lists them.
-STATUSES = ("loading", "verifying", "ok", "degraded", "refused", "stalled", "failed", "stopping")
+STATUSES = ("provisioning", "loading", "verifying", "ok", "degraded", "refused", "stalled",
+            "failed", "stopping")
 
 
 def board_facts(root: Path) -> dict[str, Any]:
@@ -72,8 +85,8 @@ def board_facts(root: Path) -> dict[str, Any]:
     return facts
 
 
-@bp.get("/health")
-def health() -> tuple[Response, int]:
+def health_report() -> dict[str, Any]:
+    """What GET /health answers (and the status page shows a part of)."""
     engine: Engine = current_app.extensions["appliance.engine"]
     settings: Settings = current_app.extensions["appliance.settings"]
     instance_id = current_app.extensions["appliance.instance_id"]
@@ -98,10 +111,18 @@ def health() -> tuple[Response, int]:
         "model_policy": {"policy": settings.model.policy,
                          "fallback": read_state_file(settings.fallback_state_file)},
         "board": board_facts(settings.paths.hardware_root),
+        "storage": dict(zip(("models_free_bytes", "models_size_bytes"), space, strict=True))
+                   if (space := filesystem_space(settings.paths.models_dir)) else None,
     }
     if engine.failure is not None:
         body["error"] = str(engine.failure)
-    return jsonify(body), 200 if status in HEALTHY else 503
+    return body
+
+
+@bp.get("/health")
+def health() -> tuple[Response, int]:
+    body = health_report()
+    return jsonify(body), 200 if body["status"] in HEALTHY else 503
 
 
 def _summary(verification: dict[str, Any] | None) -> dict[str, Any] | None:

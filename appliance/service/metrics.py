@@ -11,7 +11,6 @@ like a 1,000-token one).
 from __future__ import annotations
 
 import calendar
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from appliance import __version__
 from appliance.hardware import sysfs
-from appliance.util import read_state_file
+from appliance.util import filesystem_space, read_state_file
 
 if TYPE_CHECKING:
     from appliance.service.engine import Engine
@@ -140,15 +139,13 @@ class _LiveCollector(Collector):
 
     def _filesystem(self) -> Iterator[Metric]:
         # The model store's filesystem: a model install needs the model's size free twice over.
-        try:
-            stats = os.statvfs(self._models_dir)
-        except OSError:
+        space = filesystem_space(self._models_dir)
+        if space is None:
             return
         yield _gauge("appliance_models_filesystem_avail_bytes",
-                     "Bytes free to the service on the model store's filesystem",
-                     stats.f_bavail * stats.f_frsize)
+                     "Bytes free to the service on the model store's filesystem", space[0])
         yield _gauge("appliance_models_filesystem_size_bytes",
-                     "Size of the model store's filesystem", stats.f_blocks * stats.f_frsize)
+                     "Size of the model store's filesystem", space[1])
 
     def _verification(self, result: dict | None) -> Iterator[Metric]:
         if result is None:
